@@ -1,0 +1,70 @@
+"""Options, from ``instrument()`` arguments or ``OTEL_PYTHON_BGTASKS_<OPTION>`` environment variables.
+
+Explicit arguments win. An invalid argument raises at ``instrument()`` time, where the mistake is
+made; an invalid environment variable is logged and its default used, because ``opentelemetry-instrument``
+gives no place to raise to and the application must still start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal, cast
+
+_logger = logging.getLogger("otel_bgtasks")
+
+ENV_PREFIX = "OTEL_PYTHON_BGTASKS_"
+
+Mode = Literal["child", "link"]
+MODES: tuple[Mode, ...] = ("child", "link")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Resolved options. The README's options table documents each one."""
+
+    mode: Mode = "child"
+
+
+def _parse_mode(value: object) -> Mode:
+    text = str(value).strip().lower()
+    if text not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {value!r}")
+    return cast(Mode, text)
+
+
+_PARSERS: dict[str, Callable[[object], Any]] = {
+    "mode": _parse_mode,
+}
+
+
+def resolve(arguments: Mapping[str, object], environ: Mapping[str, str] | None = None) -> Options:
+    """Merge ``arguments`` over the environment over the defaults.
+
+    Raises:
+        TypeError: an argument names no option.
+        ValueError: an argument's value is not allowed; the message lists what is.
+    """
+    unknown = sorted(set(arguments) - set(_PARSERS))
+    if unknown:
+        raise TypeError(
+            f"otel_bgtasks got unknown option(s) {', '.join(unknown)}; known options: {', '.join(sorted(_PARSERS))}"
+        )
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for field in fields(Options):
+        parse = _PARSERS[field.name]
+        if field.name in arguments:
+            values[field.name] = parse(arguments[field.name])
+            continue
+        variable = ENV_PREFIX + field.name.upper()
+        raw = environ.get(variable)
+        if raw is None or not raw.strip():
+            continue
+        try:
+            values[field.name] = parse(raw)
+        except ValueError as exc:
+            _logger.warning("Ignoring %s=%r: %s. Using the default %r.", variable, raw, exc, field.default)
+    return Options(**values)

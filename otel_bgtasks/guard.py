@@ -1,0 +1,52 @@
+"""Keep otel_bgtasks' own failures away from the user's tasks.
+
+Everything otel_bgtasks does around a task runs under :func:`internal_error` or inside
+:class:`capture_internal_exceptions`. A failure there is logged once per place it happens (a broken
+exporter would otherwise log on every task) and the task runs as if it were not instrumented.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import traceback
+from types import TracebackType
+
+_logger = logging.getLogger("otel_bgtasks")
+_seen: set[tuple[str, str, int]] = set()
+_seen_lock = threading.Lock()
+
+
+def internal_error(exc: BaseException) -> None:
+    """Log ``exc``, raised inside otel_bgtasks, the first time it happens at its place."""
+    try:
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = (frames[-1].filename, frames[-1].lineno or 0) if frames else ("?", 0)
+        key = (type(exc).__qualname__, *where)
+        with _seen_lock:
+            if key in _seen:
+                return
+            _seen.add(key)
+        _logger.error(
+            "otel_bgtasks failed internally; the background task runs untraced. Please report this.",
+            exc_info=exc,
+        )
+    except Exception:  # noqa: S110 - logging itself failed; nothing safer is left to do.
+        pass
+
+
+class capture_internal_exceptions:  # noqa: N801 - used like a function, as in sentry-sdk
+    """Context manager: swallow and report an ``Exception`` raised inside otel_bgtasks."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        if exc is not None and isinstance(exc, Exception):
+            internal_error(exc)
+            return True
+        return False

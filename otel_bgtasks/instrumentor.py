@@ -1,0 +1,95 @@
+"""``BackgroundTasksInstrumentor``: patches Starlette's background task classes process-wide."""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from collections.abc import Collection
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
+from opentelemetry.instrumentation.utils import unwrap
+from wrapt import wrap_function_wrapper
+
+from otel_bgtasks.config import resolve
+from otel_bgtasks.package import _instruments
+from otel_bgtasks.version import __version__
+from otel_bgtasks.wrappers import TaskWrappers
+
+# opentelemetry-instrumentation-fastapi's marker: it patches BackgroundTask.__call__ with a bare span
+# only while this attribute is absent, and keeps the original there.
+_PEER_MARKER = "_otel_original_call"
+
+_lock = threading.RLock()
+
+
+def _fastapi_overrides_call() -> bool:
+    """FastAPI >= 0.163 overrides ``BackgroundTasks.__call__`` to add its native span; older ones inherit it."""
+    if importlib.util.find_spec("fastapi") is None:
+        return False
+    from fastapi import background
+
+    return "__call__" in vars(background.BackgroundTasks)
+
+
+class BackgroundTasksInstrumentor(BaseInstrumentor):
+    """Instrumentor for Starlette and FastAPI background tasks.
+
+    ``instrument()`` accepts ``tracer_provider``, ``meter_provider`` and the options listed in the
+    README; ``opentelemetry-instrument`` calls it with none, leaving the options to
+    ``OTEL_PYTHON_BGTASKS_*`` environment variables.
+    """
+
+    _patched_fastapi = False
+    _claimed_peer_marker: object = None
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        return _instruments
+
+    # BaseInstrumentor checks and sets its "instrumented" flag without a lock; instrumenting from
+    # several threads at once must not patch twice.
+    def instrument(self, **kwargs: Any) -> None:
+        with _lock:
+            super().instrument(**kwargs)  # type: ignore[no-untyped-call]
+
+    def uninstrument(self, **kwargs: Any) -> None:
+        with _lock:
+            super().uninstrument(**kwargs)  # type: ignore[no-untyped-call]
+
+    def _instrument(self, **kwargs: Any) -> None:
+        from starlette import background
+
+        tracer_provider = kwargs.pop("tracer_provider", None)
+        kwargs.pop("meter_provider", None)
+        options = resolve(kwargs)
+        tracer = trace.get_tracer(__name__, __version__, tracer_provider)
+        bypass = vars(background.BackgroundTask).get(_PEER_MARKER)
+        wrappers = TaskWrappers(tracer, options, bypass)
+
+        wrap_function_wrapper(background, "BackgroundTask.__init__", wrappers.init_task)
+        wrap_function_wrapper(background, "BackgroundTask.__call__", wrappers.call_task)
+        wrap_function_wrapper(background, "BackgroundTasks.__call__", wrappers.call_tasks)
+        self._patched_fastapi = _fastapi_overrides_call()
+        if self._patched_fastapi:
+            wrap_function_wrapper("fastapi.background", "BackgroundTasks.__call__", wrappers.call_fastapi_tasks)
+        if bypass is None:
+            # Claim the peer's marker so that instrumenting FastAPI after us adds no second task span.
+            self._claimed_peer_marker = vars(background.BackgroundTask)["__call__"]
+            setattr(background.BackgroundTask, _PEER_MARKER, self._claimed_peer_marker)
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        from starlette import background
+
+        unwrap(background.BackgroundTask, "__init__")
+        unwrap(background.BackgroundTask, "__call__")
+        unwrap(background.BackgroundTasks, "__call__")
+        if self._patched_fastapi:
+            from fastapi import background as fastapi_background
+
+            unwrap(fastapi_background.BackgroundTasks, "__call__")
+            self._patched_fastapi = False
+        if self._claimed_peer_marker is not None:
+            if vars(background.BackgroundTask).get(_PEER_MARKER) is self._claimed_peer_marker:
+                delattr(background.BackgroundTask, _PEER_MARKER)
+            self._claimed_peer_marker = None

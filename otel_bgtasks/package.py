@@ -1,0 +1,1 @@
+_instruments = ("starlette >= 0.27",)

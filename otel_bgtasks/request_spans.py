@@ -1,0 +1,58 @@
+"""Make sure an app has request spans, so that task spans have a request to belong to."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+_logger = logging.getLogger("otel_bgtasks")
+
+
+def _native_tracing(app: Any) -> bool:
+    """FastAPI >= 0.163 traces requests itself when its telemetry is on and a tracer provider is set."""
+    config = getattr(app, "_telemetry", None)
+    if not isinstance(config, dict) or not config.get("tracing", False):  # pyright: ignore[reportUnknownMemberType]
+        return False
+    if config.get("tracer_provider") is not None:  # pyright: ignore[reportUnknownMemberType]
+        return True
+    # FastAPI's own test: the global provider is still the API's proxy until an SDK sets one.
+    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+
+
+def has_request_spans(app: Any) -> bool:
+    """Whether requests to ``app`` already get spans: from an ASGI middleware, contrib's instrumentors or FastAPI."""
+    if isinstance(app, OpenTelemetryMiddleware) or getattr(app, "_is_instrumented_by_opentelemetry", False):
+        return True
+    for middleware in getattr(app, "user_middleware", ()):
+        cls = getattr(middleware, "cls", None)
+        if isinstance(cls, type) and issubclass(cls, OpenTelemetryMiddleware):
+            return True
+    return _native_tracing(app)
+
+
+def ensure_request_spans(app: Any, tracer_provider: trace.TracerProvider | None, meter_provider: Any) -> Any:
+    """Add ``OpenTelemetryMiddleware`` to ``app`` unless something already traces its requests.
+
+    Returns the app to serve: ``app`` itself for Starlette and FastAPI (the middleware is added in
+    place), or the middleware around it for any other ASGI callable.
+    """
+    if has_request_spans(app):
+        return app
+    add_middleware = getattr(app, "add_middleware", None)
+    if add_middleware is None:
+        return OpenTelemetryMiddleware(app, tracer_provider=tracer_provider, meter_provider=meter_provider)
+    try:
+        add_middleware(OpenTelemetryMiddleware, tracer_provider=tracer_provider, meter_provider=meter_provider)
+    except RuntimeError as exc:
+        # Starlette refuses middleware once the app has started serving.
+        _logger.warning(
+            "otel_bgtasks could not add request spans to %r (%s): background tasks are traced, but without a "
+            "request span to belong to. Call otel_bgtasks.instrument(app) before the app starts, or add "
+            "opentelemetry.instrumentation.asgi.OpenTelemetryMiddleware yourself.",
+            app,
+            exc,
+        )
+    return app

@@ -1,0 +1,38 @@
+"""Every span, event, attribute and metric name otel_bgtasks emits.
+
+These strings are a public contract: dashboards, alerts and tail-sampling rules match on them.
+The ``code.*`` and ``error.type`` names are OpenTelemetry semantic conventions; the
+``background_task.*`` names are ours, chosen to read like them.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+SPAN_NAME_PREFIX: Final = "BackgroundTask"
+
+# OpenTelemetry semantic conventions.
+CODE_FUNCTION_NAME: Final = "code.function.name"
+CODE_FILE_PATH: Final = "code.file.path"
+CODE_LINE_NUMBER: Final = "code.line.number"
+ERROR_TYPE: Final = "error.type"
+
+# Ours.
+EXECUTION: Final = "background_task.execution"
+INDEX: Final = "background_task.index"
+QUEUE_DURATION: Final = "background_task.queue.duration"
+OUTCOME: Final = "background_task.outcome"
+LINKED_TRACE_ID: Final = "background_task.trace_id"
+LINKED_SPAN_ID: Final = "background_task.span_id"
+
+EXECUTION_ASYNC: Final = "async"
+EXECUTION_THREADPOOL: Final = "threadpool"
+
+OUTCOME_SUCCESS: Final = "success"
+OUTCOME_ERROR: Final = "error"
+OUTCOME_SKIPPED: Final = "skipped"
+OUTCOME_CANCELLED: Final = "cancelled"
+
+# Events.
+EVENT_ENQUEUED: Final = "background_task.enqueued"
+EVENT_STARTED: Final = "background_task.started"
