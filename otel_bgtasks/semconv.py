@@ -22,8 +22,6 @@ EXECUTION: Final = "background_task.execution"
 INDEX: Final = "background_task.index"
 QUEUE_DURATION: Final = "background_task.queue.duration"
 OUTCOME: Final = "background_task.outcome"
-LINKED_TRACE_ID: Final = "background_task.trace_id"
-LINKED_SPAN_ID: Final = "background_task.span_id"
 
 EXECUTION_ASYNC: Final = "async"
 EXECUTION_THREADPOOL: Final = "threadpool"
@@ -35,4 +33,3 @@ OUTCOME_CANCELLED: Final = "cancelled"
 
 # Events.
 EVENT_ENQUEUED: Final = "background_task.enqueued"
-EVENT_STARTED: Final = "background_task.started"

@@ -128,22 +128,14 @@ class TaskWrappers:
 
     @staticmethod
     def _link_back(creator: Span, task_span: Span) -> None:
-        """Point from the request's trace to the task's new trace."""
-        task_context = task_span.get_span_context()
+        """Point from the creating span to the task's new trace, if it is still open to take a link.
+
+        Request spans have usually ended by then (Starlette sends the response first, and both FastAPI
+        and the ASGI middleware end the span with the last body chunk): the request's trace keeps the
+        ``background_task.enqueued`` event made at creation instead.
+        """
         if creator.is_recording():
-            creator.add_link(task_context)
-            return
-        # The creating span has ended (a span the route closed): tell the span still open around the
-        # task run, normally the request's server span, since an ended span takes no more links.
-        running = trace.get_current_span()
-        if running.is_recording():
-            running.add_event(
-                semconv.EVENT_STARTED,
-                {
-                    semconv.LINKED_TRACE_ID: trace.format_trace_id(task_context.trace_id),
-                    semconv.LINKED_SPAN_ID: trace.format_span_id(task_context.span_id),
-                },
-            )
+            creator.add_link(task_span.get_span_context())
 
     @staticmethod
     def _end(span: Span, token: object, exc: BaseException | None) -> None:

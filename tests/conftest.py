@@ -35,9 +35,12 @@ def exporter() -> Iterator[InMemorySpanExporter]:
 @pytest.fixture(autouse=True)
 def _clean_patches() -> Iterator[None]:
     """Every test starts and ends uninstrumented, whatever it did."""
-    otel_bgtasks.uninstrument()
+    instrumentor = otel_bgtasks.BackgroundTasksInstrumentor()
+    if instrumentor.is_instrumented_by_opentelemetry:
+        instrumentor.uninstrument()
     yield
-    otel_bgtasks.uninstrument()
+    if instrumentor.is_instrumented_by_opentelemetry:
+        instrumentor.uninstrument()
 
 
 def task_spans(exporter: InMemorySpanExporter) -> list[ReadableSpan]:
