@@ -48,7 +48,7 @@ from typing import Any, TypeVar
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
-from otel_bgtasks.instrumentor import BackgroundTasksInstrumentor
+from otel_bgtasks.instrumentor import BackgroundTasksInstrumentor, instrumentor_lock
 from otel_bgtasks.request_spans import ensure_request_spans
 from otel_bgtasks.version import __version__
 
@@ -74,8 +74,9 @@ def instrument(
     if mode is not None:
         options["mode"] = mode
     instrumentor = BackgroundTasksInstrumentor()
-    if not instrumentor.is_instrumented_by_opentelemetry:
-        instrumentor.instrument(tracer_provider=tracer_provider, meter_provider=meter_provider, **options)
+    with instrumentor_lock:
+        if not instrumentor.is_instrumented_by_opentelemetry:
+            instrumentor.instrument(tracer_provider=tracer_provider, meter_provider=meter_provider, **options)
     if app is None:
         return app
     return ensure_request_spans(app, tracer_provider, meter_provider)  # type: ignore[no-any-return]
@@ -83,4 +84,7 @@ def instrument(
 
 def uninstrument() -> None:
     """Remove every patch ``instrument()`` made; tasks created while instrumented still run normally."""
-    BackgroundTasksInstrumentor().uninstrument()
+    instrumentor = BackgroundTasksInstrumentor()
+    with instrumentor_lock:
+        if instrumentor.is_instrumented_by_opentelemetry:
+            instrumentor.uninstrument()

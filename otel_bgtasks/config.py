@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 _logger = logging.getLogger("otel_bgtasks")
 
@@ -32,7 +32,7 @@ def _parse_mode(value: object) -> Mode:
     text = str(value).strip().lower()
     if text not in MODES:
         raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {value!r}")
-    return cast(Mode, text)
+    return text
 
 
 _PARSERS: dict[str, Callable[[object], Any]] = {

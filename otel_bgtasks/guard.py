@@ -21,8 +21,8 @@ def internal_error(exc: BaseException) -> None:
     """Log ``exc``, raised inside otel_bgtasks, the first time it happens at its place."""
     try:
         frames = traceback.extract_tb(exc.__traceback__)
-        where = (frames[-1].filename, frames[-1].lineno or 0) if frames else ("?", 0)
-        key = (type(exc).__qualname__, *where)
+        filename, lineno = (frames[-1].filename, frames[-1].lineno or 0) if frames else ("?", 0)
+        key = (type(exc).__qualname__, filename, lineno)
         with _seen_lock:
             if key in _seen:
                 return
@@ -31,11 +31,11 @@ def internal_error(exc: BaseException) -> None:
             "otel_bgtasks failed internally; the background task runs untraced. Please report this.",
             exc_info=exc,
         )
-    except Exception:  # noqa: S110 - logging itself failed; nothing safer is left to do.
-        pass
+    except Exception:
+        pass  # logging itself failed: nothing safer is left to do
 
 
-class capture_internal_exceptions:  # noqa: N801 - used like a function, as in sentry-sdk
+class capture_internal_exceptions:  # named like a function, as in sentry-sdk: it is used like one
     """Context manager: swallow and report an ``Exception`` raised inside otel_bgtasks."""
 
     __slots__ = ()

@@ -13,7 +13,7 @@ from opentelemetry.instrumentation.utils import unwrap
 from wrapt import wrap_function_wrapper
 
 from otel_bgtasks.config import resolve
-from otel_bgtasks.package import _instruments
+from otel_bgtasks.package import _instruments  # pyright: ignore[reportPrivateUsage]
 from otel_bgtasks.version import __version__
 from otel_bgtasks.wrappers import TaskWrappers
 
@@ -21,7 +21,7 @@ from otel_bgtasks.wrappers import TaskWrappers
 # only while this attribute is absent, and keeps the original there.
 _PEER_MARKER = "_otel_original_call"
 
-_lock = threading.RLock()
+instrumentor_lock = threading.RLock()
 
 
 def _fastapi_overrides_call() -> bool:
@@ -45,16 +45,17 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
     _claimed_peer_marker: object = None
 
     def instrumentation_dependencies(self) -> Collection[str]:
+        """The Starlette range ``opentelemetry-instrument`` checks before loading us."""
         return _instruments
 
-    # BaseInstrumentor checks and sets its "instrumented" flag without a lock; instrumenting from
-    # several threads at once must not patch twice.
     def instrument(self, **kwargs: Any) -> None:
-        with _lock:
+        """Patch, once: BaseInstrumentor checks and sets its flag without a lock."""
+        with instrumentor_lock:
             super().instrument(**kwargs)  # type: ignore[no-untyped-call]
 
     def uninstrument(self, **kwargs: Any) -> None:
-        with _lock:
+        """Unpatch, under the same lock as :meth:`instrument`."""
+        with instrumentor_lock:
             super().uninstrument(**kwargs)  # type: ignore[no-untyped-call]
 
     def _instrument(self, **kwargs: Any) -> None:

@@ -28,7 +28,7 @@ class FunctionNames:
 
 # Keyed by code object (every lambda made by one line shares one) or by class, so the cache grows with
 # the number of task functions in the program, not with the number of tasks.
-_cache: dict[CodeType | type, FunctionNames] = {}
+_cache: dict[CodeType | type[object], FunctionNames] = {}
 _MAX_CACHED: Final = 4096
 
 
@@ -40,9 +40,9 @@ def _unwrap(func: Any) -> Any:
 
 def describe(func: Any) -> FunctionNames:
     """Return the names for ``func``, the callable given to ``add_task``/``BackgroundTask``."""
-    target = _unwrap(func)
+    target: object = _unwrap(func)
     code: CodeType | None = getattr(target, "__code__", None)
-    key: CodeType | type = code if code is not None else type(target)
+    key: CodeType | type[object] = code if code is not None else type(target)
     names = _cache.get(key)
     if names is None:
         names = _compute(target, code)
@@ -51,13 +51,13 @@ def describe(func: Any) -> FunctionNames:
     return names
 
 
-def _compute(target: Any, code: CodeType | None) -> FunctionNames:
+def _compute(target: object, code: CodeType | None) -> FunctionNames:
     if code is None:
         # A callable object: name its class, point at its __call__.
-        owner = type(target)
+        owner: type[object] = type(target)
         qualname = owner.__qualname__
         module = owner.__module__
-        code = getattr(getattr(owner, "__call__", None), "__code__", None)
+        code = getattr(owner.__call__, "__code__", None)
     else:
         qualname = getattr(target, "__qualname__", code.co_name)
         module = getattr(target, "__module__", None) or inspect.getmodulename(code.co_filename) or ""

@@ -1,1 +1,3 @@
+"""The library versions this instrumentation supports, read by ``opentelemetry-instrument``."""
+
 _instruments = ("starlette >= 0.27",)

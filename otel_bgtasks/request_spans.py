@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware  # pyright: ignore[reportMissingTypeStubs]
 
 _logger = logging.getLogger("otel_bgtasks")
 

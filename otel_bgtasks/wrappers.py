@@ -62,7 +62,9 @@ class TaskWrappers:
 
     # -- creation ---------------------------------------------------------------------------------
 
-    def init_task(self, wrapped: Callable[..., None], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def init_task(
+        self, wrapped: Callable[..., None], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
         """``BackgroundTask.__init__``: remember the creating context, and say so on the creating span."""
         wrapped(*args, **kwargs)
         try:
@@ -107,7 +109,9 @@ class TaskWrappers:
                 names.span_name, Context(), SpanKind.INTERNAL, names.attributes, links, start_ns
             )
         else:
-            span = self._tracer.start_span(names.span_name, creating, SpanKind.INTERNAL, names.attributes, None, start_ns)
+            span = self._tracer.start_span(
+                names.span_name, creating, SpanKind.INTERNAL, names.attributes, None, start_ns
+            )
         if span.is_recording():
             span.set_attributes(self._run_attributes(task, state, start_ns))
             if self._link_mode:
@@ -192,7 +196,9 @@ class TaskWrappers:
                         names.span_name, Context(), SpanKind.INTERNAL, attributes, links, now
                     )
                 else:
-                    span = self._tracer.start_span(names.span_name, state.context, SpanKind.INTERNAL, attributes, None, now)
+                    span = self._tracer.start_span(
+                        names.span_name, state.context, SpanKind.INTERNAL, attributes, None, now
+                    )
                 span.end(now)
         except Exception as exc:
             internal_error(exc)

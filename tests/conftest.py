@@ -35,12 +35,9 @@ def exporter() -> Iterator[InMemorySpanExporter]:
 @pytest.fixture(autouse=True)
 def _clean_patches() -> Iterator[None]:
     """Every test starts and ends uninstrumented, whatever it did."""
-    instrumentor = otel_bgtasks.BackgroundTasksInstrumentor()
-    if instrumentor.is_instrumented_by_opentelemetry:
-        instrumentor.uninstrument()
+    otel_bgtasks.uninstrument()
     yield
-    if instrumentor.is_instrumented_by_opentelemetry:
-        instrumentor.uninstrument()
+    otel_bgtasks.uninstrument()
 
 
 def task_spans(exporter: InMemorySpanExporter) -> list[ReadableSpan]:

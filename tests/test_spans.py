@@ -169,7 +169,7 @@ async def test_builtin_error_type_is_bare() -> None:
 async def test_real_exception_recorded_when_app_handles_its_type(
     tracer_provider: TracerProvider, exporter: InMemorySpanExporter
 ) -> None:
-    """Starlette turns it into "Caught handled exception, but response already started"; the task span keeps the truth."""
+    """Starlette reports "Caught handled exception, but response already started"; the task span keeps the truth."""
 
     async def handler(request: Request, exc: Exception) -> Response:
         return PlainTextResponse("handled", status_code=402)
@@ -352,7 +352,9 @@ async def test_task_exception_is_the_same_object_and_context_is_restored(tracer_
     assert trace.get_current_span() is before
 
 
-async def test_task_sees_its_own_span_as_current(tracer_provider: TracerProvider, exporter: InMemorySpanExporter) -> None:
+async def test_task_sees_its_own_span_as_current(
+    tracer_provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
     seen: list[int] = []
 
     def sync_task() -> None:
