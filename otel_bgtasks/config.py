@@ -26,6 +26,10 @@ class Options:
     """Resolved options. The README's options table documents each one."""
 
     mode: Mode = "child"
+    continue_on_error: bool = False
+    timeout: float | None = None
+    blocking_threshold: float | None = 0.1
+    strict: bool = False
 
 
 def _parse_mode(value: object) -> Mode:
@@ -35,8 +39,47 @@ def _parse_mode(value: object) -> Mode:
     return text
 
 
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _parse_bool(name: str) -> Callable[[object], bool]:
+    def parse(value: object) -> bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in _TRUE | _FALSE:
+            return text in _TRUE
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+
+    return parse
+
+
+def _parse_seconds(name: str) -> Callable[[object], float | None]:
+    """Seconds > 0; ``None`` (or "none"/"off" in the environment) turns the feature off."""
+
+    def parse(value: object) -> float | None:
+        if value is None or (isinstance(value, str) and value.strip().lower() in {"none", "off"}):
+            return None
+        try:
+            seconds = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            seconds = float("nan")
+        if isinstance(value, bool) or not seconds > 0 or seconds == float("inf"):
+            raise ValueError(
+                f"{name} must be a number of seconds greater than 0, or None to turn it off; got {value!r}"
+            )
+        return seconds
+
+    return parse
+
+
 _PARSERS: dict[str, Callable[[object], Any]] = {
     "mode": _parse_mode,
+    "continue_on_error": _parse_bool("continue_on_error"),
+    "timeout": _parse_seconds("timeout"),
+    "blocking_threshold": _parse_seconds("blocking_threshold"),
+    "strict": _parse_bool("strict"),
 }
 
 

@@ -13,6 +13,7 @@ from opentelemetry.instrumentation.utils import unwrap
 from wrapt import wrap_function_wrapper
 
 from otel_bgtasks.config import resolve
+from otel_bgtasks.metrics import TaskMetrics
 from otel_bgtasks.package import _instruments  # pyright: ignore[reportPrivateUsage]
 from otel_bgtasks.version import __version__
 from otel_bgtasks.wrappers import TaskWrappers
@@ -62,15 +63,16 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
         from starlette import background
 
         tracer_provider = kwargs.pop("tracer_provider", None)
-        kwargs.pop("meter_provider", None)
+        meter_provider = kwargs.pop("meter_provider", None)
         options = resolve(kwargs)
         tracer = trace.get_tracer(__name__, __version__, tracer_provider)
         bypass = vars(background.BackgroundTask).get(_PEER_MARKER)
-        wrappers = TaskWrappers(tracer, options, bypass)
+        wrappers = TaskWrappers(tracer, TaskMetrics(meter_provider), options, bypass)
 
         wrap_function_wrapper(background, "BackgroundTask.__init__", wrappers.init_task)
         wrap_function_wrapper(background, "BackgroundTask.__call__", wrappers.call_task)
         wrap_function_wrapper(background, "BackgroundTasks.__call__", wrappers.call_tasks)
+        wrap_function_wrapper(background, "run_in_threadpool", wrappers.run_in_threadpool)
         self._patched_fastapi = _fastapi_overrides_call()
         if self._patched_fastapi:
             wrap_function_wrapper("fastapi.background", "BackgroundTasks.__call__", wrappers.call_fastapi_tasks)
@@ -85,6 +87,7 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
         unwrap(background.BackgroundTask, "__init__")
         unwrap(background.BackgroundTask, "__call__")
         unwrap(background.BackgroundTasks, "__call__")
+        unwrap(background, "run_in_threadpool")
         if self._patched_fastapi:
             from fastapi import background as fastapi_background
 

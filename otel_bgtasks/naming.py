@@ -15,15 +15,23 @@ from typing import Any, Final
 from opentelemetry.util.types import AttributeValue
 
 from otel_bgtasks import semconv
+from otel_bgtasks.task_options import TIMEOUT_ATTRIBUTE
+
+_NOT_SET: Final = object()
 
 
 @dataclass(frozen=True)
 class FunctionNames:
-    """Span name and ``code.*`` attributes of one task function, computed once per function."""
+    """Span name, ``code.*`` attributes and per-function options of one task function, computed once."""
 
     span_name: str
     function_name: str
     attributes: dict[str, AttributeValue]
+    timeout: float | object | None = _NOT_SET  # from @task_options; _NOT_SET: use instrument()'s
+
+    def timeout_or(self, default: float | None) -> float | None:
+        """This function's own timeout if it has one, else ``default``."""
+        return default if self.timeout is _NOT_SET else self.timeout  # type: ignore[return-value]
 
 
 # Keyed by code object (every lambda made by one line shares one) or by class, so the cache grows with
@@ -66,7 +74,8 @@ def _compute(target: object, code: CodeType | None) -> FunctionNames:
     if code is not None:
         attributes[semconv.CODE_FILE_PATH] = code.co_filename
         attributes[semconv.CODE_LINE_NUMBER] = code.co_firstlineno
-    return FunctionNames(f"{semconv.SPAN_NAME_PREFIX} {qualname}", function_name, attributes)
+    timeout = getattr(target, TIMEOUT_ATTRIBUTE, _NOT_SET)
+    return FunctionNames(f"{semconv.SPAN_NAME_PREFIX} {qualname}", function_name, attributes, timeout)
 
 
 def error_type(exc: BaseException) -> str:

@@ -33,3 +33,20 @@ OUTCOME_CANCELLED: Final = "cancelled"
 
 # Events.
 EVENT_ENQUEUED: Final = "background_task.enqueued"
+THREADPOOL_WAIT: Final = "background_task.threadpool.wait"
+BLOCKING_MAX: Final = "background_task.blocking.max"
+TIMEOUT: Final = "background_task.timeout"
+PROBLEM: Final = "background_task.problem"
+
+OUTCOME_TIMEOUT: Final = "timeout"
+OUTCOME_DROPPED: Final = "dropped"
+
+EVENT_EVENT_LOOP_BLOCKED: Final = "background_task.event_loop_blocked"
+EVENT_INVALID: Final = "background_task.invalid"
+
+# Metrics, all under the meter "otel_bgtasks".
+METRIC_DURATION: Final = "background_task.duration"
+METRIC_QUEUE_DURATION: Final = "background_task.queue.duration"
+METRIC_THREADPOOL_WAIT: Final = "background_task.threadpool.wait"
+METRIC_ACTIVE: Final = "background_task.active"
+METRIC_OUTCOMES: Final = "background_task.outcomes"

@@ -2,29 +2,40 @@
 
 Every background task runs through :meth:`TaskWrappers.init_task` (when it is created, in the
 request) and :meth:`TaskWrappers.call_task` (when it runs, after the response). The task's own
-call, return value and exception pass through untouched; all the tracing work around it is guarded
+call, return value and exception pass through untouched; all the telemetry work around it is guarded
 so that a failure here leaves the task running as if uninstrumented.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Iterable, Iterator
+from contextlib import suppress
 from functools import partial
-from time import time_ns
-from typing import Any
+from time import perf_counter, time_ns
+from typing import Any, Final
 
 import anyio
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
+from opentelemetry.util.types import AttributeValue
 
 from otel_bgtasks import semconv
+from otel_bgtasks.blocking import LoopHoldTimer
 from otel_bgtasks.config import Options
 from otel_bgtasks.guard import internal_error
-from otel_bgtasks.naming import describe, error_type
+from otel_bgtasks.metrics import TaskMetrics
+from otel_bgtasks.mistakes import creation_site, discard, invalid_task_problem, report_dropped
+from otel_bgtasks.naming import FunctionNames, describe, error_type
 
-STATE_ATTRIBUTE = "_otel_bgtasks_state"
+_logger = logging.getLogger("otel_bgtasks")
+
+STATE_ATTRIBUTE: Final = "_otel_bgtasks_state"
+# The running task, carried in the OpenTelemetry context we attach anyway, so the thread-pool hand-off
+# can find it without a context variable of its own.
+_RUN_KEY: Final = otel_context.create_key("otel_bgtasks.run")
 
 _Wrapped = Callable[..., Awaitable[Any]]
 
@@ -32,33 +43,79 @@ _Wrapped = Callable[..., Awaitable[Any]]
 class TaskState:
     """What a task carries from its creation to its run."""
 
-    __slots__ = ("context", "enqueued_ns", "index", "started")
+    __slots__ = ("context", "done", "enqueued_ns", "index", "names", "on_drop", "site")
 
-    def __init__(self, context: Context, enqueued_ns: int | None) -> None:
+    def __init__(self, context: Context, enqueued_ns: int | None, names: FunctionNames) -> None:
         self.context = context
         self.enqueued_ns = enqueued_ns
+        self.names = names
         self.index: int | None = None
-        self.started = False
+        self.done = False  # ran, or was shown as skipped
+        self.site: str | None = None
+        self.on_drop: Callable[[TaskState], None] | None = None
+
+    def __del__(self) -> None:
+        # The task object is gone: if it never ran, nobody else will ever say so.
+        if not self.done and self.on_drop is not None:
+            with suppress(Exception):  # at interpreter exit logging may be gone: nothing safer is left to do
+                self.on_drop(self)
 
 
 def state_of(task: Any) -> TaskState:
     """The task's state; a task created before ``instrument()`` gets one on first sight."""
     state: TaskState | None = getattr(task, STATE_ATTRIBUTE, None)
     if state is None:
-        state = TaskState(otel_context.get_current(), None)
+        state = TaskState(otel_context.get_current(), None, describe(task.func))
         setattr(task, STATE_ATTRIBUTE, state)
     return state
 
 
-class TaskWrappers:
-    """The wrapt wrappers, bound to one tracer and one set of options."""
+class TaskRun:
+    """One execution of one task, from its span's start to its end."""
 
-    def __init__(self, tracer: trace.Tracer, options: Options, bypass_call: _Wrapped | None = None) -> None:
+    __slots__ = (
+        "execution",
+        "handed_off",
+        "metric_key",
+        "names",
+        "scope",
+        "span",
+        "start_ns",
+        "timeout",
+        "timer",
+        "token",
+        "worker_started",
+    )
+
+    def __init__(self, names: FunctionNames, execution: str, span: Span, start_ns: int) -> None:
+        self.names = names
+        self.execution = execution
+        self.span = span
+        self.start_ns = start_ns
+        self.metric_key = (names.function_name, execution)
+        self.token: object = None
+        self.timeout: float | None = None
+        self.timer: LoopHoldTimer | None = None
+        self.scope: anyio.CancelScope | None = None
+        self.handed_off = 0.0
+        self.worker_started = 0.0
+
+
+class TaskWrappers:
+    """The wrapt wrappers, bound to one tracer, one set of instruments and one set of options."""
+
+    def __init__(
+        self, tracer: trace.Tracer, task_metrics: TaskMetrics, options: Options, bypass_call: _Wrapped | None = None
+    ) -> None:
         self._tracer = tracer
+        self._metrics = task_metrics
+        self._options = options
         self._link_mode = options.mode == "link"
         # opentelemetry-instrumentation-fastapi, when it patched BackgroundTask.__call__ before us, would
         # open a second, bare span inside ours: call the original it wraps instead (see instrumentor.py).
         self._bypass_call = bypass_call
+        self._duration_attributes: dict[tuple[str, str, str, str | None], dict[str, AttributeValue]] = {}
+        self._warned_blocking: set[str] = set()
 
     # -- creation ---------------------------------------------------------------------------------
 
@@ -67,15 +124,38 @@ class TaskWrappers:
     ) -> None:
         """``BackgroundTask.__init__``: remember the creating context, and say so on the creating span."""
         wrapped(*args, **kwargs)
+        problem = None
         try:
-            current = otel_context.get_current()
-            setattr(instance, STATE_ATTRIBUTE, TaskState(current, time_ns()))
-            creator = trace.get_current_span(current)
-            if creator.is_recording():
-                names = describe(instance.func)
-                creator.add_event(semconv.EVENT_ENQUEUED, {semconv.CODE_FUNCTION_NAME: names.function_name})
+            problem = self._remember_creation(instance)
         except Exception as exc:
             internal_error(exc)
+        if problem is not None and self._options.strict:
+            raise TypeError(problem)
+
+    def _remember_creation(self, task: Any) -> str | None:
+        current = otel_context.get_current()
+        func = task.func
+        state = TaskState(current, time_ns(), describe(func))
+        state.site = creation_site()
+        state.on_drop = self._dropped
+        setattr(task, STATE_ATTRIBUTE, state)
+        creator = trace.get_current_span(current)
+        problem = invalid_task_problem(func)
+        if problem is not None:
+            discard(func)
+            state.done = True  # already reported, and it could never run
+            if not self._options.strict:
+                _logger.error("%s (at %s)", problem, state.site)
+            if creator.is_recording():
+                creator.add_event(semconv.EVENT_INVALID, {semconv.PROBLEM: problem})
+        elif creator.is_recording():
+            creator.add_event(semconv.EVENT_ENQUEUED, {semconv.CODE_FUNCTION_NAME: state.names.function_name})
+        return problem
+
+    def _dropped(self, state: TaskState) -> None:
+        execution = semconv.EXECUTION_THREADPOOL  # unknown for a task never run; sync is Starlette's default
+        self._metrics.count(state.names.function_name, execution, semconv.OUTCOME_DROPPED)
+        report_dropped(state.names.function_name, state.site)
 
     # -- execution --------------------------------------------------------------------------------
 
@@ -83,82 +163,167 @@ class TaskWrappers:
         """``BackgroundTask.__call__``: run the task inside its span."""
         call = wrapped if self._bypass_call is None else partial(self._bypass_call, instance)
         try:
-            span, token = self._start(instance)
+            run = self._start(instance)
         except Exception as exc:
             internal_error(exc)
             return await call(*args, **kwargs)
         try:
-            result = await call(*args, **kwargs)
+            awaitable: Awaitable[Any] = call(*args, **kwargs)
+            if run.execution is semconv.EXECUTION_ASYNC and self._options.blocking_threshold is not None:
+                awaitable = run.timer = LoopHoldTimer(awaitable)  # type: ignore[arg-type]
+            if run.timeout is not None and run.execution is semconv.EXECUTION_ASYNC:
+                with anyio.fail_after(run.timeout) as run.scope:
+                    result = await awaitable
+            else:
+                result = await awaitable
         except BaseException as exc:
-            self._end(span, token, exc)
+            self._end(run, exc)
             raise
-        self._end(span, token, None)
+        self._end(run, None)
         return result
 
-    def _start(self, task: Any) -> tuple[Span, object]:
+    def _start(self, task: Any) -> TaskRun:
         state = state_of(task)
-        state.started = True
-        names = describe(task.func)
+        state.done = True
+        names = state.names
+        execution = semconv.EXECUTION_ASYNC if task.is_async else semconv.EXECUTION_THREADPOOL
         start_ns = time_ns()
         creating = state.context
         if self._link_mode:
-            creator = trace.get_current_span(creating)
-            creator_context = creator.get_span_context()
-            links = [Link(creator_context)] if creator_context.is_valid else None
             span = self._tracer.start_span(
-                names.span_name, Context(), SpanKind.INTERNAL, names.attributes, links, start_ns
+                names.span_name, Context(), SpanKind.INTERNAL, names.attributes, _link_to(creating), start_ns
             )
         else:
             span = self._tracer.start_span(
                 names.span_name, creating, SpanKind.INTERNAL, names.attributes, None, start_ns
             )
+        run = TaskRun(names, execution, span, start_ns)
+        run.timeout = names.timeout_or(self._options.timeout)
+        queue_duration = None if state.enqueued_ns is None else (start_ns - state.enqueued_ns) / 1e9
         if span.is_recording():
-            span.set_attributes(self._run_attributes(task, state, start_ns))
+            attributes: dict[str, AttributeValue] = {semconv.EXECUTION: execution}
+            if state.index is not None:
+                attributes[semconv.INDEX] = state.index
+            if queue_duration is not None:
+                attributes[semconv.QUEUE_DURATION] = queue_duration
+            span.set_attributes(attributes)
             if self._link_mode:
-                self._link_back(trace.get_current_span(creating), span)
-        token = otel_context.attach(trace.set_span_in_context(span, creating))
-        return span, token
+                _link_back(trace.get_current_span(creating), span)
+        self._metrics.started(run.metric_key)
+        if queue_duration is not None:
+            self._metrics.queue_duration.record(queue_duration, self._attributes(run, None, None))
+        run.token = otel_context.attach(
+            otel_context.set_value(_RUN_KEY, run, trace.set_span_in_context(span, creating))
+        )
+        return run
 
-    @staticmethod
-    def _run_attributes(task: Any, state: TaskState, start_ns: int) -> dict[str, Any]:
-        attributes: dict[str, Any] = {
-            semconv.EXECUTION: semconv.EXECUTION_ASYNC if task.is_async else semconv.EXECUTION_THREADPOOL
-        }
-        if state.index is not None:
-            attributes[semconv.INDEX] = state.index
-        if state.enqueued_ns is not None:
-            attributes[semconv.QUEUE_DURATION] = (start_ns - state.enqueued_ns) / 1e9
-        return attributes
-
-    @staticmethod
-    def _link_back(creator: Span, task_span: Span) -> None:
-        """Point from the creating span to the task's new trace, if it is still open to take a link.
-
-        Request spans have usually ended by then (Starlette sends the response first, and both FastAPI
-        and the ASGI middleware end the span with the last body chunk): the request's trace keeps the
-        ``background_task.enqueued`` event made at creation instead.
-        """
-        if creator.is_recording():
-            creator.add_link(task_span.get_span_context())
-
-    @staticmethod
-    def _end(span: Span, token: object, exc: BaseException | None) -> None:
+    def _end(self, run: TaskRun, exc: BaseException | None) -> None:
+        end_ns = time_ns()
         try:
-            otel_context.detach(token)  # type: ignore[arg-type]
+            otel_context.detach(run.token)  # type: ignore[arg-type]
+            self._metrics.ended(run.metric_key)
+            duration = (end_ns - run.start_ns) / 1e9
+            outcome, error = self._classify(run, exc, duration)
+            span = run.span
             if span.is_recording():
-                if exc is None:
-                    span.set_attribute(semconv.OUTCOME, semconv.OUTCOME_SUCCESS)
-                elif isinstance(exc, anyio.get_cancelled_exc_class()):
-                    span.set_attribute(semconv.OUTCOME, semconv.OUTCOME_CANCELLED)
-                else:
-                    span.set_attributes({semconv.OUTCOME: semconv.OUTCOME_ERROR, semconv.ERROR_TYPE: error_type(exc)})
-                    span.record_exception(exc)
-                    span.set_status(Status(StatusCode.ERROR, str(exc) or type(exc).__qualname__))
-            span.end()
+                self._annotate(run, span, outcome, error)
+            self._warn_if_blocking(run)
+            self._metrics.duration.record(duration, self._attributes(run, outcome, error))
+            self._metrics.count(run.names.function_name, run.execution, outcome)
+            if run.worker_started:
+                self._metrics.threadpool_wait.record(
+                    run.worker_started - run.handed_off, self._attributes(run, None, None)
+                )
+            if error is not None:
+                _log_failure(run, outcome, error)
+            span.end(end_ns)
         except Exception as internal:
             internal_error(internal)
 
-    # -- BackgroundTasks: index and skipped tasks --------------------------------------------------
+    def _classify(self, run: TaskRun, exc: BaseException | None, duration: float) -> tuple[str, BaseException | None]:
+        """The outcome, and the error to report (``None`` for success and cancellation)."""
+        if exc is None:
+            if run.timeout is not None and duration > run.timeout:  # a sync task cannot be stopped
+                return semconv.OUTCOME_TIMEOUT, TimeoutError(
+                    f"ran {duration:.3f} s, over its {run.timeout:g} s timeout (a sync task cannot be cancelled)"
+                )
+            return semconv.OUTCOME_SUCCESS, None
+        if run.scope is not None and run.scope.cancelled_caught:
+            return semconv.OUTCOME_TIMEOUT, exc
+        if isinstance(exc, anyio.get_cancelled_exc_class()):
+            return semconv.OUTCOME_CANCELLED, None
+        return semconv.OUTCOME_ERROR, exc
+
+    def _annotate(self, run: TaskRun, span: Span, outcome: str, error: BaseException | None) -> None:
+        attributes: dict[str, AttributeValue] = {semconv.OUTCOME: outcome}
+        if run.timer is not None:
+            attributes[semconv.BLOCKING_MAX] = run.timer.longest
+            threshold = self._options.blocking_threshold
+            if threshold is not None and run.timer.longest >= threshold:
+                span.add_event(semconv.EVENT_EVENT_LOOP_BLOCKED, {semconv.BLOCKING_MAX: run.timer.longest})
+        if run.worker_started:
+            attributes[semconv.THREADPOOL_WAIT] = run.worker_started - run.handed_off
+        if run.timeout is not None:
+            attributes[semconv.TIMEOUT] = run.timeout
+        if error is not None:
+            attributes[semconv.ERROR_TYPE] = error_type(error)
+            span.record_exception(error)
+            span.set_status(Status(StatusCode.ERROR, str(error) or type(error).__qualname__))
+        span.set_attributes(attributes)
+
+    def _warn_if_blocking(self, run: TaskRun) -> None:
+        threshold = self._options.blocking_threshold
+        if run.timer is None or threshold is None or run.timer.longest < threshold:
+            return
+        name = run.names.function_name
+        if name in self._warned_blocking:  # once per function: the span event shows every occurrence
+            return
+        self._warned_blocking.add(name)
+        _logger.warning(
+            "Background task %s blocked the event loop for %.3f s without awaiting, stalling every request "
+            "meanwhile. Make it a plain `def` (Starlette runs those in a thread pool) or use an async library "
+            "for the blocking call.",
+            name,
+            run.timer.longest,
+        )
+
+    def _attributes(self, run: TaskRun, outcome: str | None, error: BaseException | None) -> dict[str, AttributeValue]:
+        """Metric attributes, built once per (function, execution, outcome, error type)."""
+        error_name = None if error is None else error_type(error)
+        key = (run.names.function_name, run.execution, outcome or "", error_name)
+        cached = self._duration_attributes.get(key)
+        if cached is not None:
+            return cached
+        attributes: dict[str, AttributeValue] = {
+            semconv.CODE_FUNCTION_NAME: run.names.function_name,
+            semconv.EXECUTION: run.execution,
+        }
+        if outcome is not None:
+            attributes[semconv.OUTCOME] = outcome
+        if error_name is not None:
+            attributes[semconv.ERROR_TYPE] = error_name
+        if len(self._duration_attributes) < 4096:
+            self._duration_attributes[key] = attributes
+        return attributes
+
+    # -- the thread-pool hand-off of sync tasks ----------------------------------------------------
+
+    @staticmethod
+    async def run_in_threadpool(wrapped: _Wrapped, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """``starlette.background.run_in_threadpool``: time the wait for a worker thread."""
+        run: TaskRun | None = otel_context.get_value(_RUN_KEY)  # type: ignore[assignment]
+        if run is None or not args:
+            return await wrapped(*args, **kwargs)
+        func = args[0]
+
+        def on_worker(*func_args: Any, **func_kwargs: Any) -> Any:
+            run.worker_started = perf_counter()
+            return func(*func_args, **func_kwargs)
+
+        run.handed_off = perf_counter()
+        return await wrapped(on_worker, *args[1:], **kwargs)
+
+    # -- BackgroundTasks: index, skipped tasks, continue_on_error ----------------------------------
 
     async def call_tasks(self, wrapped: _Wrapped, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """``BackgroundTasks.__call__``: number the tasks; after a failure, show the ones never run."""
@@ -169,6 +334,8 @@ class TaskWrappers:
                 state_of(task).index = index
         except Exception as exc:
             internal_error(exc)
+        if self._options.continue_on_error:
+            return await _run_all(tasks)
         try:
             return await wrapped(*args, **kwargs)
         except BaseException:
@@ -178,28 +345,35 @@ class TaskWrappers:
     def _record_skipped(self, tasks: Iterable[Any]) -> None:
         try:
             now = time_ns()
+            skipped: list[str] = []
             for task in _leaves(tasks):
                 state = state_of(task)
-                if state.started:
+                if state.done:
                     continue
-                names = describe(task.func)
-                attributes = {**names.attributes, semconv.OUTCOME: semconv.OUTCOME_SKIPPED}
+                state.done = True
+                names = state.names
+                execution = semconv.EXECUTION_ASYNC if task.is_async else semconv.EXECUTION_THREADPOOL
+                attributes: dict[str, AttributeValue] = {
+                    **names.attributes,
+                    semconv.OUTCOME: semconv.OUTCOME_SKIPPED,
+                    semconv.EXECUTION: execution,
+                }
                 if state.index is not None:
                     attributes[semconv.INDEX] = state.index
-                attributes[semconv.EXECUTION] = (
-                    semconv.EXECUTION_ASYNC if task.is_async else semconv.EXECUTION_THREADPOOL
-                )
                 if self._link_mode:
-                    creator_context = trace.get_current_span(state.context).get_span_context()
-                    links = [Link(creator_context)] if creator_context.is_valid else None
-                    span = self._tracer.start_span(
-                        names.span_name, Context(), SpanKind.INTERNAL, attributes, links, now
-                    )
+                    parent, links = Context(), _link_to(state.context)
                 else:
-                    span = self._tracer.start_span(
-                        names.span_name, state.context, SpanKind.INTERNAL, attributes, None, now
-                    )
-                span.end(now)
+                    parent, links = state.context, None
+                self._tracer.start_span(names.span_name, parent, SpanKind.INTERNAL, attributes, links, now).end(now)
+                self._metrics.count(names.function_name, execution, semconv.OUTCOME_SKIPPED)
+                skipped.append(names.function_name)
+            if skipped:
+                _logger.warning(
+                    "Skipped %d background task(s) because an earlier task in the same BackgroundTasks failed: %s. "
+                    "Pass continue_on_error=True to otel_bgtasks.instrument() to run them anyway.",
+                    len(skipped),
+                    ", ".join(skipped),
+                )
         except Exception as exc:
             internal_error(exc)
 
@@ -216,6 +390,48 @@ class TaskWrappers:
         from starlette.background import BackgroundTasks
 
         return await BackgroundTasks.__call__(instance, *args, **kwargs)
+
+
+async def _run_all(tasks: list[Any]) -> None:
+    """``continue_on_error``: run every task; each failure is already recorded and logged by its span."""
+    for task in tasks:
+        with suppress(Exception):  # cancellation, a BaseException, still stops the loop
+            await task()
+
+
+def _link_to(creating: Context) -> list[Link] | None:
+    creator = trace.get_current_span(creating).get_span_context()
+    return [Link(creator)] if creator.is_valid else None
+
+
+def _link_back(creator: Span, task_span: Span) -> None:
+    """Point from the creating span to the task's new trace, if it is still open to take a link.
+
+    Request spans have usually ended by then (Starlette sends the response first, and both FastAPI
+    and the ASGI middleware end the span with the last body chunk): the request's trace keeps the
+    ``background_task.enqueued`` event made at creation instead.
+    """
+    if creator.is_recording():
+        creator.add_link(task_span.get_span_context())
+
+
+def _log_failure(run: TaskRun, outcome: str, error: BaseException) -> None:
+    """One ERROR record per failed task, so failures show up even with no tracing backend."""
+    span_context = run.span.get_span_context()
+    _logger.error(
+        "Background task %s failed (%s): %s [trace_id=%s span_id=%s]",
+        run.names.function_name,
+        outcome,
+        error_type(error),
+        trace.format_trace_id(span_context.trace_id),
+        trace.format_span_id(span_context.span_id),
+        exc_info=error,
+        extra={
+            "otelTraceID": trace.format_trace_id(span_context.trace_id),
+            "otelSpanID": trace.format_span_id(span_context.span_id),
+            "background_task": run.names.function_name,
+        },
+    )
 
 
 def _leaves(tasks: Iterable[Any]) -> Iterator[Any]:

@@ -1,0 +1,62 @@
+"""The common background-task mistakes, each made obvious where it happens.
+
+- ``add_task(send_email(address))``: a coroutine object or a return value instead of the function.
+  Starlette accepts it and fails only later, after the response, with "'coroutine' object is not
+  callable" and a "never awaited" warning that names neither the route nor the fix.
+- A ``BackgroundTasks`` filled and then never attached to a response (or a response that never
+  finished): its tasks are garbage-collected without running, silently.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+from typing import Final
+
+_logger = logging.getLogger("otel_bgtasks")
+
+# Frames of these packages are skipped when looking for the line that created a task.
+_FRAMEWORK_MODULES: Final = ("starlette.", "fastapi.", "otel_bgtasks.", "wrapt.")
+
+
+def invalid_task_problem(func: object) -> str | None:
+    """Why ``func`` cannot be a background task, with the fix; ``None`` when it is fine."""
+    if inspect.iscoroutine(func):
+        name = func.__qualname__
+        return (
+            f"add_task()/BackgroundTask() was given a coroutine object, {name}(...) called instead of passed. "
+            f"Pass the function and its arguments: add_task({name}, *args, **kwargs)."
+        )
+    if not callable(func):
+        return (
+            f"add_task()/BackgroundTask() was given a {type(func).__qualname__}, which is not callable "
+            "(a function's return value instead of the function?). "
+            "Pass the function and its arguments: add_task(func, *args, **kwargs)."
+        )
+    return None
+
+
+def discard(func: object) -> None:
+    """Close a coroutine object nobody will await, so Python does not warn "never awaited" later."""
+    if inspect.iscoroutine(func):
+        func.close()
+
+
+def creation_site() -> str:
+    """``file:line`` of the user's code that is creating a task (first frame outside the frameworks)."""
+    frame = sys._getframe(1)  # pyright: ignore[reportPrivateUsage]
+    while frame.f_back is not None and str(frame.f_globals.get("__name__", "")).startswith(_FRAMEWORK_MODULES):
+        frame = frame.f_back
+    return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+
+
+def report_dropped(function_name: str, site: str | None) -> None:
+    """Log a task that was garbage-collected without ever running."""
+    _logger.warning(
+        "Background task %s was never run: it was created at %s and garbage-collected before running. "
+        "Its BackgroundTasks/BackgroundTask was not attached to a response that completed "
+        "(return it as the response's background=, or use FastAPI's BackgroundTasks parameter).",
+        function_name,
+        site or "an unknown place",
+    )
