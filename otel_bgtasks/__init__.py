@@ -37,6 +37,7 @@ API
 - ``uninstrument()``: restore every patched attribute.
 - ``mode="child"`` (default): a task's span is a child of the span current when it was queued.
   ``mode="link"``: each task starts a new trace whose root links to that span.
+- ``task_options(timeout=...)``: a decorator giving one task function its own timeout.
 - Options can also be set with ``OTEL_PYTHON_BGTASKS_<OPTION>`` environment variables; explicit
   arguments win.
 """
@@ -50,9 +51,10 @@ from opentelemetry.trace import TracerProvider
 
 from otel_bgtasks.instrumentor import BackgroundTasksInstrumentor, instrumentor_lock
 from otel_bgtasks.request_spans import ensure_request_spans
+from otel_bgtasks.task_options import task_options
 from otel_bgtasks.version import __version__
 
-__all__ = ["BackgroundTasksInstrumentor", "__version__", "instrument", "uninstrument"]
+__all__ = ["BackgroundTasksInstrumentor", "__version__", "instrument", "task_options", "uninstrument"]
 
 _App = TypeVar("_App")
 

@@ -1,0 +1,414 @@
+"""Task health: metrics, stalls, failure handling, and the common mistakes made obvious."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import httpx
+import pytest
+from conftest import task_spans
+from opentelemetry import trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader, Metric
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask, BackgroundTasks
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+import otel_bgtasks
+
+FUNC = "code.function.name"
+
+
+@pytest.fixture
+def reader() -> InMemoryMetricReader:
+    return InMemoryMetricReader()
+
+
+@pytest.fixture
+def instrument(tracer_provider: TracerProvider, reader: InMemoryMetricReader) -> Iterator[Any]:
+    def instrument(**options: Any) -> None:
+        otel_bgtasks.instrument(tracer_provider=tracer_provider, meter_provider=MeterProvider([reader]), **options)
+
+    yield instrument
+
+
+def metrics_by_name(reader: InMemoryMetricReader) -> dict[str, Metric]:
+    data = reader.get_metrics_data()
+    assert data is not None
+    return {
+        metric.name: metric
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        if scope.scope.name == "otel_bgtasks"
+        for metric in scope.metrics
+    }
+
+
+def points(metric: Metric) -> dict[frozenset[tuple[str, Any]], Any]:
+    return {frozenset((point.attributes or {}).items()): point for point in metric.data.data_points}
+
+
+def ok() -> None:
+    pass
+
+
+async def fail() -> None:
+    raise ValueError("no stock")
+
+
+async def never() -> None:
+    raise AssertionError("skipped, never run")
+
+
+async def test_metric_names_units_and_attributes(instrument: Any, reader: InMemoryMetricReader) -> None:
+    instrument()
+    with pytest.raises(ValueError, match="no stock"):
+        await BackgroundTasks([BackgroundTask(ok), BackgroundTask(fail), BackgroundTask(never)])()
+
+    metrics = metrics_by_name(reader)
+    assert {name: m.unit for name, m in metrics.items()} == {
+        "background_task.duration": "s",
+        "background_task.queue.duration": "s",
+        "background_task.threadpool.wait": "s",
+        "background_task.active": "{task}",
+        "background_task.outcomes": "{task}",
+    }
+    ok_name, fail_name, never_name = (f"{__name__}.{f.__name__}" for f in (ok, fail, never))
+    duration = points(metrics["background_task.duration"])
+    assert set(duration) == {
+        frozenset(
+            {FUNC: ok_name, "background_task.outcome": "success", "background_task.execution": "threadpool"}.items()
+        ),
+        frozenset(
+            {
+                FUNC: fail_name,
+                "background_task.outcome": "error",
+                "background_task.execution": "async",
+                "error.type": "ValueError",
+            }.items()
+        ),
+    }
+    assert all(point.count == 1 for point in duration.values())
+    queue = points(metrics["background_task.queue.duration"])
+    assert set(queue) == {
+        frozenset({FUNC: ok_name, "background_task.execution": "threadpool"}.items()),
+        frozenset({FUNC: fail_name, "background_task.execution": "async"}.items()),
+    }
+    outcomes = {
+        (dict(key)[FUNC], dict(key)["background_task.outcome"]): point.value
+        for key, point in points(metrics["background_task.outcomes"]).items()
+    }
+    assert outcomes == {(ok_name, "success"): 1, (fail_name, "error"): 1, (never_name, "skipped"): 1}
+    active = {dict(key)[FUNC]: point.value for key, point in points(metrics["background_task.active"]).items()}
+    assert active == {ok_name: 0, fail_name: 0}
+    (wait,) = points(metrics["background_task.threadpool.wait"]).values()
+    assert wait.count == 1
+
+
+async def test_active_counts_a_running_task(instrument: Any, reader: InMemoryMetricReader) -> None:
+    instrument()
+    release = asyncio.Event()
+    started = asyncio.Event()
+
+    async def long_running() -> None:
+        started.set()
+        await release.wait()
+
+    running = asyncio.ensure_future(BackgroundTask(long_running)())
+    await started.wait()
+    (point,) = points(metrics_by_name(reader)["background_task.active"]).values()
+    assert point.value == 1
+    release.set()
+    await running
+    (point,) = points(metrics_by_name(reader)["background_task.active"]).values()
+    assert point.value == 0
+
+
+async def test_blocking_async_task_is_flagged_once(
+    instrument: Any, exporter: InMemorySpanExporter, caplog: pytest.LogCaptureFixture
+) -> None:
+    instrument(blocking_threshold=0.05)
+
+    async def blocks_the_loop() -> None:
+        await asyncio.sleep(0)
+        time.sleep(0.12)  # the classic mistake
+
+    with caplog.at_level(logging.WARNING, logger="otel_bgtasks"):
+        await BackgroundTask(blocks_the_loop)()
+        await BackgroundTask(blocks_the_loop)()
+
+    first, second = task_spans(exporter)
+    for span in (first, second):
+        assert span.attributes is not None
+        assert span.attributes["background_task.blocking.max"] >= 0.12
+        (event,) = [e for e in span.events if e.name == "background_task.event_loop_blocked"]
+        assert event.attributes is not None and event.attributes["background_task.blocking.max"] >= 0.12
+    warnings_logged = [r for r in caplog.records if "blocked the event loop" in r.getMessage()]
+    assert len(warnings_logged) == 1
+    assert "blocks_the_loop" in warnings_logged[0].getMessage()
+    assert "`def`" in warnings_logged[0].getMessage()
+
+
+async def test_task_that_awaits_often_is_not_flagged(instrument: Any, exporter: InMemorySpanExporter) -> None:
+    instrument(blocking_threshold=0.05)
+
+    async def polite() -> None:
+        for _ in range(12):
+            await asyncio.sleep(0.01)  # 0.12 s in all, but never more than a moment at a time
+
+    await BackgroundTask(polite)()
+
+    (span,) = task_spans(exporter)
+    assert span.attributes is not None and span.attributes["background_task.blocking.max"] < 0.05
+    assert [e.name for e in span.events] == []
+
+
+async def test_threadpool_wait_measured_when_the_limiter_is_saturated(
+    instrument: Any, exporter: InMemorySpanExporter
+) -> None:
+    instrument()
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    saved = limiter.total_tokens
+    limiter.total_tokens = 1
+    hold = threading.Event()
+    holding = threading.Event()
+
+    def occupy_the_only_thread() -> None:
+        holding.set()
+        hold.wait(5)
+
+    try:
+        occupant = asyncio.ensure_future(anyio.to_thread.run_sync(occupy_the_only_thread))
+        # Wait off anyio's limiter, whose only token the occupant now holds.
+        await asyncio.get_running_loop().run_in_executor(None, holding.wait)
+        queued = asyncio.ensure_future(BackgroundTask(ok)())
+        await asyncio.sleep(0.1)  # not synchronisation: the wait being measured
+        hold.set()
+        await queued
+        await occupant
+    finally:
+        limiter.total_tokens = saved
+
+    (span,) = task_spans(exporter)
+    assert span.attributes is not None
+    assert span.attributes["background_task.threadpool.wait"] >= 0.1
+
+
+async def test_continue_on_error_runs_the_rest_and_does_not_raise(
+    instrument: Any, exporter: InMemorySpanExporter
+) -> None:
+    instrument(continue_on_error=True)
+    ran: list[str] = []
+
+    await BackgroundTasks([BackgroundTask(fail), BackgroundTask(ran.append, "after"), BackgroundTask(fail)])()
+
+    assert ran == ["after"]
+    outcomes = [s.attributes["background_task.outcome"] for s in task_spans(exporter) if s.attributes]
+    assert outcomes == ["error", "success", "error"]
+
+
+async def test_default_stops_at_the_first_failure_like_starlette(instrument: Any) -> None:
+    instrument()
+    ran: list[str] = []
+    with pytest.raises(ValueError):
+        await BackgroundTasks([BackgroundTask(fail), BackgroundTask(ran.append, "after")])()
+    assert ran == []
+
+
+async def test_async_timeout_cancels_the_task(instrument: Any, exporter: InMemorySpanExporter) -> None:
+    instrument(timeout=0.05)
+    cancelled = asyncio.Event()
+
+    async def hangs() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    with pytest.raises(TimeoutError):
+        await BackgroundTask(hangs)()
+
+    assert cancelled.is_set()
+    (span,) = task_spans(exporter)
+    assert span.attributes is not None
+    assert span.attributes["background_task.outcome"] == "timeout"
+    assert span.attributes["error.type"] == "TimeoutError"
+    assert span.attributes["background_task.timeout"] == 0.05
+    assert span.status.status_code is StatusCode.ERROR
+
+
+async def test_sync_timeout_is_reported_and_the_task_finishes(instrument: Any, exporter: InMemorySpanExporter) -> None:
+    instrument()
+    finished: list[bool] = []
+
+    @otel_bgtasks.task_options(timeout=0.02)
+    def slow() -> None:
+        time.sleep(0.06)
+        finished.append(True)
+
+    await BackgroundTask(slow)()  # no exception: a thread cannot be stopped, and the result stands
+
+    assert finished == [True]
+    (span,) = task_spans(exporter)
+    assert span.attributes is not None and span.attributes["background_task.outcome"] == "timeout"
+    assert "over its 0.02 s timeout" in str(span.status.description)
+
+
+async def test_per_function_timeout_none_overrides_the_default(instrument: Any, exporter: InMemorySpanExporter) -> None:
+    instrument(timeout=0.01)
+
+    @otel_bgtasks.task_options(timeout=None)
+    async def allowed_to_take_long() -> None:
+        await asyncio.sleep(0.03)
+
+    await BackgroundTask(allowed_to_take_long)()
+    (span,) = task_spans(exporter)
+    assert span.attributes is not None and span.attributes["background_task.outcome"] == "success"
+
+
+def test_task_options_rejects_a_bad_timeout() -> None:
+    with pytest.raises(ValueError, match="timeout must be a number of seconds greater than 0"):
+        otel_bgtasks.task_options(timeout=-1)
+
+
+async def test_every_failure_is_one_error_log_record_with_trace_ids(
+    instrument: Any, exporter: InMemorySpanExporter, caplog: pytest.LogCaptureFixture
+) -> None:
+    instrument()
+    with caplog.at_level(logging.ERROR, logger="otel_bgtasks"), pytest.raises(ValueError):
+        await BackgroundTask(fail)()
+
+    (span,) = task_spans(exporter)
+    (record,) = [r for r in caplog.records if r.name == "otel_bgtasks" and r.levelno == logging.ERROR]
+    message = record.getMessage()
+    assert f"{__name__}.fail" in message
+    assert trace.format_trace_id(span.context.trace_id) in message
+    assert trace.format_span_id(span.context.span_id) in message
+    assert record.exc_info is not None and isinstance(record.exc_info[1], ValueError)
+
+
+async def test_cancelled_task_is_not_a_failure(instrument: Any, caplog: pytest.LogCaptureFixture) -> None:
+    instrument()
+    started = asyncio.Event()
+
+    async def waits() -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    with caplog.at_level(logging.ERROR, logger="otel_bgtasks"):
+        running = asyncio.ensure_future(BackgroundTask(waits)())
+        await started.wait()
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+    assert [r for r in caplog.records if r.name == "otel_bgtasks"] == []
+
+
+async def send_email(address: str) -> None:
+    pass
+
+
+def bad_input_app() -> Starlette:
+    async def route(request: Request) -> Response:
+        tasks = BackgroundTasks()
+        tasks.add_task(send_email("a@example.com"))  # type: ignore[arg-type]  # the mistake
+        return PlainTextResponse("answered", background=tasks)
+
+    return Starlette(routes=[Route("/", route)])
+
+
+async def test_coroutine_object_is_reported_at_the_call(
+    instrument: Any, caplog: pytest.LogCaptureFixture, exporter: InMemorySpanExporter
+) -> None:
+    instrument()
+    app = otel_bgtasks.instrument(bad_input_app())
+    with caplog.at_level(logging.ERROR, logger="otel_bgtasks"), warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "coroutine ... was never awaited" may follow
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            response = await client.get("/")
+        gc.collect()
+
+    assert response.text == "answered"
+    message = next(r.getMessage() for r in caplog.records if "coroutine object" in r.getMessage())
+    assert "send_email(...) called instead of passed" in message
+    assert "add_task(send_email, *args, **kwargs)" in message
+    assert "test_task_health.py" in message  # where the mistake is
+    (request,) = [s for s in exporter.get_finished_spans() if s.name == "GET /"]
+    (event,) = [e for e in request.events if e.name == "background_task.invalid"]
+    assert event.attributes is not None and "coroutine object" in str(event.attributes["background_task.problem"])
+
+
+async def test_strict_raises_type_error_and_the_request_still_answers(instrument: Any) -> None:
+    instrument(strict=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(TypeError, match=r"add_task\(send_email, \*args, \*\*kwargs\)"):
+            BackgroundTasks().add_task(send_email("x"))  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="given a dict, which is not callable"):
+            BackgroundTask({"not": "callable"})  # type: ignore[arg-type]
+        gc.collect()
+
+    app = otel_bgtasks.instrument(bad_input_app())
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        response = await client.get("/")
+    assert response.status_code == 500  # Starlette's own answer to an exception in the route
+
+
+async def test_not_callable_never_logs_its_value(instrument: Any, caplog: pytest.LogCaptureFixture) -> None:
+    instrument()
+    with caplog.at_level(logging.ERROR, logger="otel_bgtasks"):
+        BackgroundTask({"password": "hunter2"})  # type: ignore[arg-type]
+    assert "given a dict, which is not callable" in caplog.text
+    assert "hunter2" not in caplog.text
+
+
+async def test_dropped_tasks_are_counted_and_logged(
+    instrument: Any, reader: InMemoryMetricReader, caplog: pytest.LogCaptureFixture
+) -> None:
+    instrument()
+    with caplog.at_level(logging.WARNING, logger="otel_bgtasks"):
+        tasks = BackgroundTasks()
+        tasks.add_task(ok)  # created here and never attached to a response
+        del tasks
+        gc.collect()
+
+    message = next(r.getMessage() for r in caplog.records if "was never run" in r.getMessage())
+    assert f"{__name__}.ok" in message
+    assert "test_task_health.py:" in message
+    outcomes = {
+        dict(key)["background_task.outcome"]: point.value
+        for key, point in points(metrics_by_name(reader)["background_task.outcomes"]).items()
+    }
+    assert outcomes == {"dropped": 1}
+
+
+async def test_tasks_that_ran_or_were_skipped_are_not_dropped(
+    instrument: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    instrument()
+    with caplog.at_level(logging.WARNING, logger="otel_bgtasks"):
+        tasks = BackgroundTasks([BackgroundTask(fail), BackgroundTask(never)])
+        with pytest.raises(ValueError):
+            await tasks()
+        del tasks
+        gc.collect()
+    assert "never run" not in caplog.text
+    assert "Skipped 1 background task(s)" in caplog.text
