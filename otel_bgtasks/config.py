@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
@@ -30,6 +30,10 @@ class Options:
     timeout: float | None = None
     blocking_threshold: float | None = 0.1
     strict: bool = False
+    sentry: bool | Literal["auto"] = "auto"
+    capture_args: bool = False
+    capture_args_max_length: int = 256
+    redact_keys: tuple[str, ...] = ()
 
 
 def _parse_mode(value: object) -> Mode:
@@ -74,12 +78,45 @@ def _parse_seconds(name: str) -> Callable[[object], float | None]:
     return parse
 
 
+def _parse_sentry(value: object) -> bool | Literal["auto"]:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return _parse_bool("sentry")(value)
+    except ValueError:
+        raise ValueError(f"sentry must be 'auto', true or false, got {value!r}") from None
+
+
+def _parse_length(value: object) -> int:
+    try:
+        length = int(str(value))
+    except ValueError:
+        length = 0
+    if isinstance(value, bool) or length < 16:
+        raise ValueError(f"capture_args_max_length must be a whole number of characters >= 16, got {value!r}")
+    return length
+
+
+def _parse_keys(value: object) -> tuple[str, ...]:
+    """A list of names, or in the environment a comma-separated string."""
+    items: Iterable[object] = value.split(",") if isinstance(value, str) else value  # type: ignore[assignment]
+    try:
+        keys = tuple(str(item).strip() for item in items if str(item).strip())
+    except TypeError:
+        raise ValueError(f"redact_keys must be a list of key names, got {value!r}") from None
+    return keys
+
+
 _PARSERS: dict[str, Callable[[object], Any]] = {
     "mode": _parse_mode,
     "continue_on_error": _parse_bool("continue_on_error"),
     "timeout": _parse_seconds("timeout"),
     "blocking_threshold": _parse_seconds("blocking_threshold"),
     "strict": _parse_bool("strict"),
+    "sentry": _parse_sentry,
+    "capture_args": _parse_bool("capture_args"),
+    "capture_args_max_length": _parse_length,
+    "redact_keys": _parse_keys,
 }
 
 

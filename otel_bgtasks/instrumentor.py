@@ -12,15 +12,14 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type:
 from opentelemetry.instrumentation.utils import unwrap
 from wrapt import wrap_function_wrapper
 
+from otel_bgtasks.arguments import ArgumentCapture
 from otel_bgtasks.config import resolve
 from otel_bgtasks.metrics import TaskMetrics
 from otel_bgtasks.package import _instruments  # pyright: ignore[reportPrivateUsage]
+from otel_bgtasks.peers import ContribFastAPI, contrib_original_call
+from otel_bgtasks.sentry import SentryForwarder, sentry_installed
 from otel_bgtasks.version import __version__
 from otel_bgtasks.wrappers import TaskWrappers
-
-# opentelemetry-instrumentation-fastapi's marker: it patches BackgroundTask.__call__ with a bare span
-# only while this attribute is absent, and keeps the original there.
-_PEER_MARKER = "_otel_original_call"
 
 instrumentor_lock = threading.RLock()
 
@@ -43,7 +42,7 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
     """
 
     _patched_fastapi = False
-    _claimed_peer_marker: object = None
+    _contrib: ContribFastAPI | None = None
 
     def instrumentation_dependencies(self) -> Collection[str]:
         """The Starlette range ``opentelemetry-instrument`` checks before loading us."""
@@ -66,8 +65,15 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
         meter_provider = kwargs.pop("meter_provider", None)
         options = resolve(kwargs)
         tracer = trace.get_tracer(__name__, __version__, tracer_provider)
-        bypass = vars(background.BackgroundTask).get(_PEER_MARKER)
-        wrappers = TaskWrappers(tracer, TaskMetrics(meter_provider), options, bypass)
+        arguments = (
+            ArgumentCapture(options.capture_args_max_length, options.redact_keys) if options.capture_args else None
+        )
+        sentry = None
+        if options.sentry is True or (options.sentry == "auto" and sentry_installed()):
+            sentry = SentryForwarder(options.sentry, arguments)
+        wrappers = TaskWrappers(tracer, TaskMetrics(meter_provider), options, arguments, sentry)
+        wrappers.bypass_call = contrib_original_call()
+        self._contrib = ContribFastAPI(wrappers)
 
         wrap_function_wrapper(background, "BackgroundTask.__init__", wrappers.init_task)
         wrap_function_wrapper(background, "BackgroundTask.__call__", wrappers.call_task)
@@ -76,10 +82,7 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
         self._patched_fastapi = _fastapi_overrides_call()
         if self._patched_fastapi:
             wrap_function_wrapper("fastapi.background", "BackgroundTasks.__call__", wrappers.call_fastapi_tasks)
-        if bypass is None:
-            # Claim the peer's marker so that instrumenting FastAPI after us adds no second task span.
-            self._claimed_peer_marker = vars(background.BackgroundTask)["__call__"]
-            setattr(background.BackgroundTask, _PEER_MARKER, self._claimed_peer_marker)
+        self._contrib.install()
 
     def _uninstrument(self, **kwargs: Any) -> None:
         from starlette import background
@@ -93,7 +96,6 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
 
             unwrap(fastapi_background.BackgroundTasks, "__call__")
             self._patched_fastapi = False
-        if self._claimed_peer_marker is not None:
-            if vars(background.BackgroundTask).get(_PEER_MARKER) is self._claimed_peer_marker:
-                delattr(background.BackgroundTask, _PEER_MARKER)
-            self._claimed_peer_marker = None
+        if self._contrib is not None:
+            self._contrib.remove()
+            self._contrib = None

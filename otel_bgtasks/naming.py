@@ -25,6 +25,7 @@ class FunctionNames:
     """Span name, ``code.*`` attributes and per-function options of one task function, computed once."""
 
     span_name: str
+    qualname: str
     function_name: str
     attributes: dict[str, AttributeValue]
     timeout: float | object | None = _NOT_SET  # from @task_options; _NOT_SET: use instrument()'s
@@ -75,7 +76,7 @@ def _compute(target: object, code: CodeType | None) -> FunctionNames:
         attributes[semconv.CODE_FILE_PATH] = code.co_filename
         attributes[semconv.CODE_LINE_NUMBER] = code.co_firstlineno
     timeout = getattr(target, TIMEOUT_ATTRIBUTE, _NOT_SET)
-    return FunctionNames(f"{semconv.SPAN_NAME_PREFIX} {qualname}", function_name, attributes, timeout)
+    return FunctionNames(f"{semconv.SPAN_NAME_PREFIX} {qualname}", qualname, function_name, attributes, timeout)
 
 
 def error_type(exc: BaseException) -> str:

@@ -37,6 +37,8 @@ THREADPOOL_WAIT: Final = "background_task.threadpool.wait"
 BLOCKING_MAX: Final = "background_task.blocking.max"
 TIMEOUT: Final = "background_task.timeout"
 PROBLEM: Final = "background_task.problem"
+ARGS: Final = "background_task.args"  # only with capture_args=True
+KWARGS: Final = "background_task.kwargs"
 
 OUTCOME_TIMEOUT: Final = "timeout"
 OUTCOME_DROPPED: Final = "dropped"

@@ -23,12 +23,14 @@ from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
 from otel_bgtasks import semconv
+from otel_bgtasks.arguments import ArgumentCapture
 from otel_bgtasks.blocking import LoopHoldTimer
 from otel_bgtasks.config import Options
 from otel_bgtasks.guard import internal_error
 from otel_bgtasks.metrics import TaskMetrics
 from otel_bgtasks.mistakes import creation_site, discard, invalid_task_problem, report_dropped
 from otel_bgtasks.naming import FunctionNames, describe, error_type
+from otel_bgtasks.sentry import SentryForwarder, TaskFailure
 
 _logger = logging.getLogger("otel_bgtasks")
 
@@ -43,7 +45,7 @@ _Wrapped = Callable[..., Awaitable[Any]]
 class TaskState:
     """What a task carries from its creation to its run."""
 
-    __slots__ = ("context", "done", "enqueued_ns", "index", "names", "on_drop", "site")
+    __slots__ = ("context", "done", "enqueued_ns", "failure", "index", "names", "on_drop", "site")
 
     def __init__(self, context: Context, enqueued_ns: int | None, names: FunctionNames) -> None:
         self.context = context
@@ -53,6 +55,7 @@ class TaskState:
         self.done = False  # ran, or was shown as skipped
         self.site: str | None = None
         self.on_drop: Callable[[TaskState], None] | None = None
+        self.failure: TaskFailure | None = None  # for Sentry, once the skipped tasks are known
 
     def __del__(self) -> None:
         # The task object is gone: if it never ran, nobody else will ever say so.
@@ -78,17 +81,22 @@ class TaskRun:
         "handed_off",
         "metric_key",
         "names",
+        "queue_duration",
         "scope",
         "span",
         "start_ns",
+        "state",
+        "task",
         "timeout",
         "timer",
         "token",
         "worker_started",
     )
 
-    def __init__(self, names: FunctionNames, execution: str, span: Span, start_ns: int) -> None:
-        self.names = names
+    def __init__(self, task: Any, state: TaskState, execution: str, span: Span, start_ns: int) -> None:
+        self.task = task
+        self.state = state
+        self.names = names = state.names
         self.execution = execution
         self.span = span
         self.start_ns = start_ns
@@ -99,21 +107,29 @@ class TaskRun:
         self.scope: anyio.CancelScope | None = None
         self.handed_off = 0.0
         self.worker_started = 0.0
+        self.queue_duration: float | None = None
 
 
 class TaskWrappers:
     """The wrapt wrappers, bound to one tracer, one set of instruments and one set of options."""
 
     def __init__(
-        self, tracer: trace.Tracer, task_metrics: TaskMetrics, options: Options, bypass_call: _Wrapped | None = None
+        self,
+        tracer: trace.Tracer,
+        task_metrics: TaskMetrics,
+        options: Options,
+        arguments: ArgumentCapture | None = None,
+        sentry: SentryForwarder | None = None,
     ) -> None:
         self._tracer = tracer
         self._metrics = task_metrics
         self._options = options
+        self._arguments = arguments  # None unless the user opted in with capture_args=True
+        self._sentry = sentry
         self._link_mode = options.mode == "link"
         # opentelemetry-instrumentation-fastapi, when it patched BackgroundTask.__call__ before us, would
-        # open a second, bare span inside ours: call the original it wraps instead (see instrumentor.py).
-        self._bypass_call = bypass_call
+        # open a second, bare span inside ours: call the original it wraps instead (see peers.py).
+        self.bypass_call: _Wrapped | None = None
         self._duration_attributes: dict[tuple[str, str, str, str | None], dict[str, AttributeValue]] = {}
         self._warned_blocking: set[str] = set()
 
@@ -161,7 +177,7 @@ class TaskWrappers:
 
     async def call_task(self, wrapped: _Wrapped, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """``BackgroundTask.__call__``: run the task inside its span."""
-        call = wrapped if self._bypass_call is None else partial(self._bypass_call, instance)
+        call = wrapped if self.bypass_call is None else partial(self.bypass_call, instance)
         try:
             run = self._start(instance)
         except Exception as exc:
@@ -197,15 +213,21 @@ class TaskWrappers:
             span = self._tracer.start_span(
                 names.span_name, creating, SpanKind.INTERNAL, names.attributes, None, start_ns
             )
-        run = TaskRun(names, execution, span, start_ns)
+        run = TaskRun(task, state, execution, span, start_ns)
         run.timeout = names.timeout_or(self._options.timeout)
-        queue_duration = None if state.enqueued_ns is None else (start_ns - state.enqueued_ns) / 1e9
+        run.queue_duration = queue_duration = (
+            None if state.enqueued_ns is None else (start_ns - state.enqueued_ns) / 1e9
+        )
         if span.is_recording():
             attributes: dict[str, AttributeValue] = {semconv.EXECUTION: execution}
             if state.index is not None:
                 attributes[semconv.INDEX] = state.index
             if queue_duration is not None:
                 attributes[semconv.QUEUE_DURATION] = queue_duration
+            if self._arguments is not None:
+                args, kwargs = self._arguments.render(task.func, task.args, task.kwargs)
+                attributes[semconv.ARGS] = args
+                attributes[semconv.KWARGS] = kwargs
             span.set_attributes(attributes)
             if self._link_mode:
                 _link_back(trace.get_current_span(creating), span)
@@ -235,10 +257,38 @@ class TaskWrappers:
                     run.worker_started - run.handed_off, self._attributes(run, None, None)
                 )
             if error is not None:
+                if self._sentry is not None:
+                    self._report_to_sentry(run, outcome, error)
                 _log_failure(run, outcome, error)
             span.end(end_ns)
         except Exception as internal:
             internal_error(internal)
+
+    def _report_to_sentry(self, run: TaskRun, outcome: str, error: BaseException) -> None:
+        assert self._sentry is not None
+        try:
+            self._sentry.claim(error)
+            task = run.task
+            failure = TaskFailure(
+                error=error,
+                qualname=run.names.qualname,
+                function_name=run.names.function_name,
+                execution=run.execution,
+                outcome=outcome,
+                span=run.span,
+                creating_span=trace.get_current_span(run.state.context),
+                queue_duration=run.queue_duration,
+                index=run.state.index,
+                func=task.func,
+                args=task.args,
+                kwargs=task.kwargs,
+            )
+            if run.state.index is not None and not self._options.continue_on_error:
+                run.state.failure = failure  # call_tasks forwards it, once it knows what was skipped
+            else:
+                self._sentry.forward(failure)
+        except Exception as exc:
+            internal_error(exc)
 
     def _classify(self, run: TaskRun, exc: BaseException | None, duration: float) -> tuple[str, BaseException | None]:
         """The outcome, and the error to report (``None`` for success and cancellation)."""
@@ -339,13 +389,27 @@ class TaskWrappers:
         try:
             return await wrapped(*args, **kwargs)
         except BaseException:
-            self._record_skipped(tasks)
+            skipped = self._record_skipped(tasks)
+            if self._sentry is not None:
+                self._forward_pending(tasks, skipped)
             raise
 
-    def _record_skipped(self, tasks: Iterable[Any]) -> None:
+    def _forward_pending(self, tasks: list[Any], skipped: list[str]) -> None:
+        assert self._sentry is not None
+        try:
+            for task in _leaves(tasks):
+                state = state_of(task)
+                if state.failure is not None:
+                    failure, state.failure = state.failure, None
+                    failure.skipped = skipped
+                    self._sentry.forward(failure)
+        except Exception as exc:
+            internal_error(exc)
+
+    def _record_skipped(self, tasks: Iterable[Any]) -> list[str]:
+        skipped: list[str] = []
         try:
             now = time_ns()
-            skipped: list[str] = []
             for task in _leaves(tasks):
                 state = state_of(task)
                 if state.done:
@@ -376,6 +440,7 @@ class TaskWrappers:
                 )
         except Exception as exc:
             internal_error(exc)
+        return skipped
 
     @staticmethod
     async def call_fastapi_tasks(

@@ -125,7 +125,7 @@ async def test_instrument_after_start_warns_and_still_traces_tasks(
 
 
 def test_unknown_option_is_a_clear_type_error() -> None:
-    with pytest.raises(TypeError, match=r"unknown option\(s\) colour; known options: blocking_threshold, continue_on_error, mode"):
+    with pytest.raises(TypeError, match=r"unknown option\(s\) colour; known options: .*\bmode\b"):
         otel_bgtasks.instrument(colour="blue")
     assert not otel_bgtasks.BackgroundTasksInstrumentor().is_instrumented_by_opentelemetry
 

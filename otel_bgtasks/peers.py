@@ -1,0 +1,95 @@
+"""Living with opentelemetry-instrumentation-fastapi, which also patches ``BackgroundTask.__call__``.
+
+Its ``instrument_app()`` replaces ``BackgroundTask.__call__`` with a bare ``BackgroundTask {name}``
+span, once per process, keeping the original under ``BackgroundTask._otel_original_call`` and
+skipping the patch while that attribute exists. Its ``uninstrument_app()`` puts that original back and
+deletes the attribute. To keep exactly one span per task in every order:
+
+- contrib patched first: our wrapper calls the original it kept, not its bare span (the bypass);
+- we patched first: we set the attribute ourselves, so contrib leaves ``__call__`` alone;
+- contrib uninstruments an app later: we put our wrapper and the attribute back right after.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any, Final
+
+from wrapt import wrap_function_wrapper
+
+from otel_bgtasks.guard import internal_error
+from otel_bgtasks.wrappers import TaskWrappers
+
+MARKER: Final = "_otel_original_call"
+_CONTRIB: Final = "opentelemetry.instrumentation.fastapi"
+
+
+def contrib_original_call() -> Any:
+    """The original ``__call__`` contrib kept, if contrib has patched ``BackgroundTask`` already."""
+    from starlette.background import BackgroundTask
+
+    return vars(BackgroundTask).get(MARKER)
+
+
+class ContribFastAPI:
+    """Our side of the arrangement, installed after ``BackgroundTask.__call__`` is wrapped."""
+
+    def __init__(self, wrappers: TaskWrappers) -> None:
+        self._wrappers = wrappers
+        self._our_call: Any = None
+        self._saved_uninstrument_app: Any = None
+
+    def install(self) -> None:
+        """Claim the marker and watch contrib's ``uninstrument_app``."""
+        from starlette.background import BackgroundTask
+
+        self._our_call = vars(BackgroundTask)["__call__"]
+        if MARKER not in vars(BackgroundTask):
+            setattr(BackgroundTask, MARKER, self._our_call)
+        if importlib.util.find_spec(_CONTRIB) is not None:
+            from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+            # A staticmethod: opentelemetry's unwrap() would put back a plain function, so keep the original.
+            self._saved_uninstrument_app = vars(FastAPIInstrumentor)["uninstrument_app"]
+            wrap_function_wrapper(FastAPIInstrumentor, "uninstrument_app", self._after_uninstrument_app)
+
+    def remove(self) -> None:
+        """Undo :meth:`install`; call after ``BackgroundTask.__call__`` is unwrapped."""
+        from starlette.background import BackgroundTask
+
+        if self._our_call is not None and vars(BackgroundTask).get(MARKER) is self._our_call:
+            delattr(BackgroundTask, MARKER)
+        self._our_call = None
+        if self._saved_uninstrument_app is not None:
+            from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+            setattr(FastAPIInstrumentor, "uninstrument_app", self._saved_uninstrument_app)  # noqa: B010
+            self._saved_uninstrument_app = None
+
+    def _after_uninstrument_app(
+        self, wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        result = wrapped(*args, **kwargs)
+        try:
+            self._reassert()
+        except Exception as exc:
+            internal_error(exc)
+        return result
+
+    def _reassert(self) -> None:
+        from starlette import background
+
+        if self._our_call is None:
+            return
+        current = vars(background.BackgroundTask).get("__call__")
+        if current is not self._our_call:
+            if getattr(current, "_self_wrapper", None) == self._wrappers.call_task:
+                # Contrib put back what it had kept: our wrapper, bound to the class on the way.
+                background.BackgroundTask.__call__ = self._our_call
+            else:
+                # Contrib put back Starlette's own __call__, dropping our wrapper around its span.
+                self._wrappers.bypass_call = None
+                wrap_function_wrapper(background, "BackgroundTask.__call__", self._wrappers.call_task)
+                self._our_call = vars(background.BackgroundTask)["__call__"]
+        if MARKER not in vars(background.BackgroundTask):
+            setattr(background.BackgroundTask, MARKER, self._our_call)

@@ -1,0 +1,167 @@
+"""Forward background-task failures to Sentry, one event per failure, tied to the task's trace.
+
+Sentry has no notion of background tasks (getsentry/sentry-python#1473): a task's exception reaches
+it, if at all, as an error of the request, without the task, and once more from its logging
+integration. Here each failure becomes one event that names the task and carries the OpenTelemetry
+trace and span ids; every other Sentry event for the same exception (the ASGI integration, the
+logging integration, Starlette's "Caught handled exception" wrapper) is dropped.
+
+sentry-sdk is optional (``pip install otel_bgtasks[sentry]``) and only imported once a failure is
+forwarded or ``sentry=True`` is asked for.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+from opentelemetry import trace
+from opentelemetry.trace import Span
+
+from otel_bgtasks.arguments import ArgumentCapture
+
+MECHANISM: Final = "otel_bgtasks"
+_OURS: Final = "otel_bgtasks_event"  # hint key marking the events we capture ourselves
+
+# Exceptions already forwarded (or about to be): any other Sentry event about them is a duplicate.
+_forwarded: weakref.WeakSet[BaseException] = weakref.WeakSet()
+_processor_added = False
+
+
+@dataclass
+class TaskFailure:
+    """What Sentry is told about one failed task."""
+
+    error: BaseException
+    qualname: str
+    function_name: str
+    execution: str
+    outcome: str
+    span: Span
+    creating_span: Span
+    queue_duration: float | None
+    index: int | None
+    func: Any
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    skipped: list[str] = field(default_factory=list[str])
+
+
+def sentry_installed() -> bool:
+    """Whether sentry-sdk can be imported, checked without importing it."""
+    return importlib.util.find_spec("sentry_sdk") is not None
+
+
+class SentryForwarder:
+    """Sends :class:`TaskFailure` s to the Sentry client the application initialised."""
+
+    def __init__(self, mode: bool | Literal["auto"], arguments: ArgumentCapture | None) -> None:
+        if mode is True and not sentry_installed():
+            raise ImportError(
+                "otel_bgtasks was asked to forward failures to Sentry (sentry=True) but sentry-sdk is not "
+                "installed: pip install 'otel_bgtasks[sentry]', or pass sentry='auto' or False."
+            )
+        self._arguments = arguments
+
+    @staticmethod
+    def claim(error: BaseException) -> None:
+        """Mark ``error`` as ours before anything (our own log record included) reports it to Sentry."""
+        _add_processor_once()
+        _forwarded.add(error)
+
+    def forward(self, failure: TaskFailure) -> None:
+        """Capture one event for ``failure``, if a Sentry client is active."""
+        import sentry_sdk
+        from sentry_sdk.integrations.dedupe import DedupeIntegration
+        from sentry_sdk.utils import event_from_exception
+
+        client = sentry_sdk.get_client()
+        if not client.is_active():
+            return
+        event, hint = event_from_exception(
+            failure.error, client_options=client.options, mechanism={"type": MECHANISM, "handled": False}
+        )
+        hint[_OURS] = True
+        send_arguments = self._arguments is not None and bool(client.options.get("send_default_pii"))
+        if not send_arguments:
+            _drop_frame_variables(event)  # a task's locals start as its arguments
+        span_context = failure.span.get_span_context()
+        route = _route(failure.creating_span)
+        with sentry_sdk.new_scope() as scope:
+            scope.set_transaction_name(f"BackgroundTask {failure.qualname}", source="task")
+            scope.set_tag("background_task", failure.qualname)
+            scope.set_tag("background_task.outcome", failure.outcome)
+            scope.set_tag("otel.trace_id", trace.format_trace_id(span_context.trace_id))
+            scope.set_tag("otel.span_id", trace.format_span_id(span_context.span_id))
+            if route is not None:
+                scope.set_tag("http.route", route)
+            scope.set_context("background_task", self._context(failure, send_arguments))
+            for name in failure.skipped:
+                scope.add_breadcrumb(
+                    category="background_task",
+                    message=f"Skipped {name}: an earlier task in the same BackgroundTasks failed",
+                    level="warning",
+                    data={"code.function.name": name, "background_task.outcome": "skipped"},
+                )
+            DedupeIntegration.reset_last_seen()  # our log record may have been "seen" first
+            scope.capture_event(event, hint)
+
+    def _context(self, failure: TaskFailure, send_arguments: bool) -> dict[str, Any]:
+        context: dict[str, Any] = {
+            "function": failure.function_name,
+            "execution": failure.execution,
+            "outcome": failure.outcome,
+            "queue_delay": failure.queue_duration,
+        }
+        if failure.index is not None:
+            context["index"] = failure.index
+        if send_arguments and self._arguments is not None:
+            context["args"], context["kwargs"] = self._arguments.render(failure.func, failure.args, failure.kwargs)
+        return context
+
+
+def _route(creating_span: Span) -> str | None:
+    """The creating span's ``http.route``: SDK spans expose their attributes, API spans do not."""
+    attributes: Mapping[str, object] = getattr(creating_span, "attributes", None) or {}
+    route = attributes.get("http.route")
+    return route if isinstance(route, str) else None
+
+
+def _drop_frame_variables(event: Mapping[str, Any]) -> None:
+    values: Sequence[dict[str, Any]] = event.get("exception", {}).get("values", ())
+    for value in values:
+        for frame in value.get("stacktrace", {}).get("frames", ()):
+            frame.pop("vars", None)
+
+
+def _is_duplicate(event: dict[str, Any], hint: dict[str, Any]) -> bool:
+    if hint.get(_OURS):
+        return False
+    exc_info = hint.get("exc_info")
+    error: BaseException | None = exc_info[1] if exc_info else None
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:  # Starlette wraps ours: "... from exc"
+        if error in _forwarded:
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _add_processor_once() -> None:
+    global _processor_added
+    if _processor_added:
+        return
+    from sentry_sdk.scope import add_global_event_processor
+
+    def drop_duplicates(event: Any, hint: Any) -> Any:
+        try:
+            return None if _is_duplicate(event, hint or {}) else event
+        except Exception:
+            return event
+
+    add_global_event_processor(drop_duplicates)
+    _processor_added = True
