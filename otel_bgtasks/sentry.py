@@ -85,13 +85,20 @@ class SentryForwarder:
             failure.error, client_options=client.options, mechanism={"type": MECHANISM, "handled": False}
         )
         hint[_OURS] = True
-        send_arguments = self._arguments is not None and bool(client.options.get("send_default_pii"))
-        if not send_arguments:
-            _drop_frame_variables(event)  # a task's locals start as its arguments
+        send_arguments = self._arguments is not None and client.should_send_default_pii()
+        # Frame locals hold the task's arguments, unredacted (run_in_threadpool's *args among them):
+        # arguments reach Sentry only through the redacted context below.
+        _drop_frame_variables(event)
         span_context = failure.span.get_span_context()
-        route = _route(failure.creating_span)
+        route = (
+            _route(failure.creating_span)
+            or _sentry_route(sentry_sdk.get_current_scope())
+            or _sentry_route(sentry_sdk.get_isolation_scope())
+        )
+        # Named in the event itself: Sentry's request integrations only fill in a name that is missing.
+        event["transaction"] = f"BackgroundTask {failure.qualname}"
+        event["transaction_info"] = {"source": "custom"}
         with sentry_sdk.new_scope() as scope:
-            scope.set_transaction_name(f"BackgroundTask {failure.qualname}", source="task")
             scope.set_tag("background_task", failure.qualname)
             scope.set_tag("background_task.outcome", failure.outcome)
             scope.set_tag("otel.trace_id", trace.format_trace_id(span_context.trace_id))
@@ -128,6 +135,15 @@ def _route(creating_span: Span) -> str | None:
     attributes: Mapping[str, object] = getattr(creating_span, "attributes", None) or {}
     route = attributes.get("http.route")
     return route if isinstance(route, str) else None
+
+
+def _sentry_route(isolation_scope: Any) -> str | None:
+    """The request's transaction name, which Sentry's Starlette/FastAPI integrations set to the route.
+
+    Sentry offers no public getter; read defensively, as it is only a nicety.
+    """
+    name = getattr(isolation_scope, "_transaction", None)
+    return name if isinstance(name, str) and name.startswith("/") else None
 
 
 def _drop_frame_variables(event: Mapping[str, Any]) -> None:

@@ -1,0 +1,241 @@
+"""Sentry forwarding with the real sentry-sdk, sending envelopes over HTTP to a receiver on 127.0.0.1."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import pytest
+import sentry_sdk
+from conftest import task_spans
+from fastapi import BackgroundTasks, FastAPI
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from sentry_sdk.integrations.fastapi import FastApiIntegration
+from sentry_sdk.integrations.starlette import StarletteIntegration
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+
+import otel_bgtasks
+
+
+class CardDeclined(Exception):
+    pass
+
+
+def charge_sync(card: str, password: str) -> None:
+    raise CardDeclined(f"card {card[-4:]} declined")
+
+
+async def charge_async(card: str, password: str) -> None:
+    raise CardDeclined(f"card {card[-4:]} declined")
+
+
+def notify(order: int) -> None:
+    raise AssertionError("skipped: never runs")
+
+
+class EnvelopeReceiver:
+    """Sentry's ingestion endpoint, as far as the SDK's HTTP transport can tell."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                lines = body.split(b"\n")
+                for header, payload in zip(lines[1::2], lines[2::2], strict=False):
+                    if json.loads(header).get("type") == "event":
+                        receiver.events.append(json.loads(payload))
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def dsn(self) -> str:
+        return f"http://public@127.0.0.1:{self.server.server_address[1]}/1"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+@pytest.fixture
+def receiver() -> Iterator[EnvelopeReceiver]:
+    receiver = EnvelopeReceiver()
+    yield receiver
+    sentry_sdk.init()  # an inactive client for the tests after this one
+    receiver.close()
+
+
+def init_sentry(dsn: str, *, framework_integrations: bool, **options: Any) -> None:
+    integrations = [StarletteIntegration(), FastApiIntegration()] if framework_integrations else []
+    sentry_sdk.init(
+        dsn=dsn,
+        integrations=integrations,
+        auto_enabling_integrations=False,
+        **options,
+    )
+
+
+def app_with(*tasks: tuple[Any, tuple[Any, ...]], handler: bool = False) -> FastAPI:
+    app = FastAPI()
+
+    @app.post("/orders/{order}")
+    async def place_order(order: int, background_tasks: BackgroundTasks) -> dict[str, int]:
+        for func, args in tasks:
+            background_tasks.add_task(func, *args)
+        return {"order": order}
+
+    if handler:
+
+        async def declined(request: Request, exc: Exception) -> Response:
+            return PlainTextResponse("declined", status_code=402)
+
+        app.add_exception_handler(CardDeclined, declined)
+    return app
+
+
+async def post(app: Any, path: str = "/orders/7") -> httpx.Response:
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        return await client.post(path)
+
+
+CARD = ("4000000000000002", "hunter2")
+
+
+@pytest.mark.parametrize("framework_integrations", [False, True], ids=["sentry-alone", "sentry-starlette-fastapi"])
+@pytest.mark.parametrize("task", [charge_sync, charge_async], ids=["sync", "async"])
+async def test_one_event_per_failure_tied_to_the_trace(
+    receiver: EnvelopeReceiver,
+    tracer_provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    framework_integrations: bool,
+    task: Any,
+) -> None:
+    init_sentry(receiver.dsn, framework_integrations=framework_integrations)
+    app = otel_bgtasks.instrument(app_with((task, CARD), (notify, (7,))), tracer_provider=tracer_provider)
+
+    response = await post(app)
+    sentry_sdk.flush(timeout=5)
+
+    assert response.json() == {"order": 7}
+    (event,) = receiver.events
+    span = next(s for s in task_spans(exporter) if s.name == f"BackgroundTask {task.__qualname__}")
+    assert event["tags"]["background_task"] == task.__qualname__
+    assert event["tags"]["background_task.outcome"] == "error"
+    assert event["tags"]["otel.trace_id"] == trace.format_trace_id(span.context.trace_id)
+    assert event["tags"]["otel.span_id"] == trace.format_span_id(span.context.span_id)
+    assert event["transaction"] == f"BackgroundTask {task.__qualname__}"
+    (exception,) = event["exception"]["values"]
+    assert exception["type"] == "CardDeclined"
+    assert exception["value"] == "card 0002 declined"
+    assert exception["mechanism"]["type"] == "otel_bgtasks"
+    assert exception["mechanism"]["handled"] is False
+    context = event["contexts"]["background_task"]
+    assert context["function"] == f"{__name__}.{task.__qualname__}"
+    assert context["execution"] == ("async" if task is charge_async else "threadpool")
+    assert context["queue_delay"] >= 0
+    assert "args" not in context and "kwargs" not in context
+    skipped = [b for b in event["breadcrumbs"]["values"] if b.get("category") == "background_task"]
+    assert [b["data"]["code.function.name"] for b in skipped] == [f"{__name__}.notify"]
+    if framework_integrations:
+        assert event["tags"]["http.route"] == "/orders/{order}"
+    body = json.dumps(event)
+    assert "4000000000000002" not in body and "hunter2" not in body  # no arguments, no frame locals
+
+
+async def test_handled_exception_type_still_one_event(
+    receiver: EnvelopeReceiver, tracer_provider: TracerProvider
+) -> None:
+    """Starlette re-raises it as "Caught handled exception, but response already started"."""
+    init_sentry(receiver.dsn, framework_integrations=True)
+    app = otel_bgtasks.instrument(app_with((charge_async, CARD), handler=True), tracer_provider=tracer_provider)
+
+    await post(app)
+    sentry_sdk.flush(timeout=5)
+
+    (event,) = receiver.events
+    assert event["exception"]["values"][-1]["type"] == "CardDeclined"
+
+
+@pytest.mark.filterwarnings("ignore:The send_default_pii option is deprecated:DeprecationWarning")
+@pytest.mark.parametrize(("pii", "sent"), [(True, True), (False, False)])
+async def test_arguments_only_with_capture_args_and_send_default_pii(
+    receiver: EnvelopeReceiver, tracer_provider: TracerProvider, exporter: InMemorySpanExporter, pii: bool, sent: bool
+) -> None:
+    init_sentry(receiver.dsn, framework_integrations=False, send_default_pii=pii)
+    app = otel_bgtasks.instrument(app_with((charge_sync, CARD)), tracer_provider=tracer_provider, capture_args=True)
+
+    await post(app)
+    sentry_sdk.flush(timeout=5)
+
+    (event,) = receiver.events
+    context = event["contexts"]["background_task"]
+    if sent:
+        assert context["args"] == ["'4000000000000002'", "[redacted]"]
+    else:
+        assert "args" not in context
+    assert "hunter2" not in json.dumps(event)
+    (span,) = task_spans(exporter)
+    assert span.attributes is not None
+    assert span.attributes["background_task.args"] == ("'4000000000000002'", "[redacted]")
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_endpoint_down_never_affects_task_or_request(tracer_provider: TracerProvider) -> None:
+    sentry_sdk.init(dsn=f"http://public@127.0.0.1:{closed_port()}/1", auto_enabling_integrations=False)
+    ran: list[int] = []
+    try:
+        app = otel_bgtasks.instrument(
+            app_with((charge_sync, CARD), (ran.append, (1,))), tracer_provider=tracer_provider
+        )
+        app2 = otel_bgtasks.instrument(app_with((ran.append, (2,))), tracer_provider=tracer_provider)
+        assert (await post(app)).json() == {"order": 7}
+        assert (await post(app2)).json() == {"order": 7}
+        sentry_sdk.flush(timeout=2)
+    finally:
+        sentry_sdk.init()
+    assert ran == [2]  # the second task of the first request was skipped by Starlette, as without Sentry
+
+
+async def test_no_dsn_and_sentry_false_send_nothing(
+    receiver: EnvelopeReceiver, tracer_provider: TracerProvider
+) -> None:
+    sentry_sdk.init()  # no DSN: an inactive client
+    app = otel_bgtasks.instrument(app_with((charge_sync, CARD)), tracer_provider=tracer_provider)
+    assert (await post(app)).status_code == 200
+    otel_bgtasks.uninstrument()
+
+    init_sentry(receiver.dsn, framework_integrations=False)
+    otel_bgtasks.instrument(app, tracer_provider=tracer_provider, sentry=False)
+    await post(app)
+    sentry_sdk.flush(timeout=5)
+    # With forwarding off, Sentry still sees the failure through its own means (the ERROR log record),
+    # but never with our task tags.
+    assert all("background_task" not in event.get("tags", {}) for event in receiver.events)
