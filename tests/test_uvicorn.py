@@ -1,0 +1,290 @@
+"""Against a real uvicorn server: task spans keep the span that queued them, across threads and requests.
+
+Each test serves a FastAPI app from a uvicorn server on 127.0.0.1 (an ephemeral port) in a thread, talks
+to it over real sockets, then stops it and joins the thread before asserting: uvicorn's shutdown waits
+for every response cycle, background tasks included, so every span has ended and been exported by then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from conftest import spans_named, task_spans
+from fastapi import BackgroundTasks, FastAPI
+from opentelemetry import trace
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+import otel_bgtasks
+
+WAIT_SECONDS = 10
+NATIVE_TELEMETRY_OFF: dict[str, Any] = {"tracing": False, "metrics": False, "logs": False}
+
+# How the app gets request spans: the ASGI middleware otel_bgtasks.instrument(app) adds, FastAPI's
+# native telemetry, or opentelemetry-instrumentation-fastapi (applied before otel_bgtasks).
+SETUPS = ["asgi", "native", "contrib"]
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that says when its startup is over, whether it succeeded or not."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.startup_over = threading.Event()
+
+    async def startup(self, sockets: Any = None) -> None:
+        try:
+            await super().startup(sockets=sockets)
+        finally:
+            self.startup_over.set()
+
+
+@contextmanager
+def serving(app: FastAPI) -> Iterator[str]:
+    """Serve ``app`` on 127.0.0.1 in a thread; yield its base URL; stop it and join the thread on exit."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", ws="none", lifespan="on")
+    server = _Server(config)
+
+    def run() -> None:
+        try:
+            server.run()
+        finally:
+            server.startup_over.set()
+
+    thread = threading.Thread(target=run, name="uvicorn", daemon=True)
+    thread.start()
+    try:
+        assert server.startup_over.wait(WAIT_SECONDS), "uvicorn did not start"
+        assert server.started, "uvicorn failed to start"
+        host, port = server.servers[0].sockets[0].getsockname()[:2]
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(WAIT_SECONDS)
+        assert not thread.is_alive(), "uvicorn did not stop"
+
+
+def make_app(setup: str, tracer_provider: TracerProvider) -> FastAPI:
+    telemetry: dict[str, Any] = {"tracer_provider": tracer_provider} if setup == "native" else NATIVE_TELEMETRY_OFF
+    return FastAPI(telemetry=telemetry)  # type: ignore[arg-type]
+
+
+@contextmanager
+def instrumented(app: FastAPI, setup: str, tracer_provider: TracerProvider) -> Iterator[FastAPI]:
+    if setup == "contrib":
+        FastAPIInstrumentor.instrument_app(app, tracer_provider=tracer_provider)
+    try:
+        yield otel_bgtasks.instrument(app, tracer_provider=tracer_provider)
+    finally:
+        if setup == "contrib":
+            FastAPIInstrumentor.uninstrument_app(app)
+
+
+def by_id(exporter: InMemorySpanExporter) -> dict[int, ReadableSpan]:
+    return {span.context.span_id: span for span in exporter.get_finished_spans()}
+
+
+def request_span(spans: dict[int, ReadableSpan], span: ReadableSpan) -> ReadableSpan:
+    """The SERVER span above ``span``."""
+    current = span
+    while current.kind is not SpanKind.SERVER:
+        assert current.parent is not None, f"{span.name} has no request span above it"
+        current = spans[current.parent.span_id]
+    return current
+
+
+class Countdown:
+    """A thread-safe count of finished tasks that sets ``done`` at zero."""
+
+    def __init__(self, count: int) -> None:
+        self._count = count
+        self._lock = threading.Lock()
+        self.done = threading.Event()
+
+    def tick(self) -> None:
+        with self._lock:
+            self._count -= 1
+            if self._count == 0:
+                self.done.set()
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+async def test_sync_route_span_is_the_task_parent(
+    setup: str, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    """opentelemetry-python-contrib#3586: a task queued inside a span opened in a ``def`` route belongs to it."""
+    tracer = tracer_provider.get_tracer("tests.uvicorn")
+    countdown = Countdown(2)
+    route_threads: list[threading.Thread] = []
+
+    def sync_task() -> None:
+        countdown.tick()
+
+    async def async_task() -> None:
+        countdown.tick()
+
+    app = make_app(setup, tracer_provider)
+
+    @app.get("/sync")
+    def sync_route(background_tasks: BackgroundTasks) -> dict[str, bool]:
+        route_threads.append(threading.current_thread())
+        with tracer.start_as_current_span("route work"):
+            background_tasks.add_task(sync_task)
+            background_tasks.add_task(async_task)
+        return {"ok": True}
+
+    with instrumented(app, setup, tracer_provider) as served, serving(served) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=WAIT_SECONDS) as client:
+            response = await client.get("/sync")
+        assert response.status_code == 200
+        assert countdown.done.wait(WAIT_SECONDS), "the background tasks did not run"
+
+    # The route ran in a worker thread, neither the test's nor the server's event loop thread.
+    (route_thread,) = route_threads
+    assert route_thread is not threading.current_thread()
+    assert route_thread.name != "uvicorn"
+    spans = by_id(exporter)
+    (route_span,) = spans_named(exporter, "route work")
+    tasks = sorted(task_spans(exporter), key=lambda s: s.name)
+    assert [s.name for s in tasks] == ["BackgroundTask " + f.__qualname__ for f in (async_task, sync_task)]
+    for task in tasks:
+        assert task.parent is not None
+        assert task.parent.span_id == route_span.context.span_id, f"{task.name} is not a child of the route span"
+        assert task.context.trace_id == route_span.context.trace_id
+        assert task.attributes is not None
+        assert task.attributes["background_task.outcome"] == "success"
+    assert {t.attributes["background_task.execution"] for t in tasks} == {"async", "threadpool"}  # type: ignore[index]
+    # The route span itself sits in the request's trace, under its server span.
+    server = request_span(spans, route_span)
+    assert server.name == "GET /sync"
+    assert not spans_named(exporter, "fastapi.background_task")
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+async def test_async_route_tasks_are_children_of_the_request(
+    setup: str, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    countdown = Countdown(2)
+
+    def sync_task() -> None:
+        countdown.tick()
+
+    async def async_task() -> None:
+        countdown.tick()
+
+    app = make_app(setup, tracer_provider)
+
+    @app.get("/async")
+    async def async_route(background_tasks: BackgroundTasks) -> dict[str, bool]:
+        background_tasks.add_task(sync_task)
+        background_tasks.add_task(async_task)
+        return {"ok": True}
+
+    with instrumented(app, setup, tracer_provider) as served, serving(served) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=WAIT_SECONDS) as client:
+            response = await client.get("/async")
+        assert response.status_code == 200
+        assert countdown.done.wait(WAIT_SECONDS), "the background tasks did not run"
+
+    spans = by_id(exporter)
+    (server,) = [s for s in spans.values() if s.kind is SpanKind.SERVER]
+    assert server.name == "GET /async"
+    tasks = task_spans(exporter)
+    assert len(tasks) == 2
+    for task in tasks:
+        assert task.parent is not None
+        creator = spans[task.parent.span_id]
+        if setup == "native":
+            # FastAPI runs the endpoint inside its own operation span, under the request span.
+            assert creator.name == "fastapi.endpoint"
+            assert creator.parent is not None
+            assert creator.parent.span_id == server.context.span_id
+        else:
+            assert creator is server
+        assert task.context.trace_id == server.context.trace_id
+
+
+REQUESTS = 50
+TASKS_PER_REQUEST = 2
+
+
+@pytest.mark.parametrize("setup", ["asgi", "native"])
+async def test_concurrent_requests_each_keep_their_own_tasks(
+    setup: str, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    countdown = Countdown(REQUESTS * TASKS_PER_REQUEST)
+    # Every request's first task waits until all of them have started, so that all 50 requests'
+    # tasks are in flight together on the server's event loop.
+    arrived = 0
+    all_arrived = asyncio.Event()
+
+    def tag_task_span(request_id: int) -> None:
+        trace.get_current_span().set_attribute("test.task_request_id", request_id)
+
+    async def first_task(request_id: int) -> None:
+        nonlocal arrived
+        tag_task_span(request_id)
+        arrived += 1
+        if arrived == REQUESTS:
+            all_arrived.set()
+        await asyncio.wait_for(all_arrived.wait(), WAIT_SECONDS)
+        countdown.tick()
+
+    def second_task(request_id: int) -> None:
+        tag_task_span(request_id)
+        countdown.tick()
+
+    app = make_app(setup, tracer_provider)
+
+    @app.get("/work/{request_id}")
+    async def work(request_id: int, background_tasks: BackgroundTasks) -> dict[str, int]:
+        trace.get_current_span().set_attribute("test.request_id", request_id)
+        background_tasks.add_task(first_task, request_id)
+        background_tasks.add_task(second_task, request_id)
+        return {"request_id": request_id}
+
+    # No keep-alive: a connection whose previous request still runs its tasks is never reused.
+    limits = httpx.Limits(max_connections=REQUESTS, max_keepalive_connections=0)
+    with instrumented(app, setup, tracer_provider) as served, serving(served) as url:
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=WAIT_SECONDS) as client:
+            responses = await asyncio.gather(*(client.get(f"/work/{i}") for i in range(REQUESTS)))
+        assert [r.json() for r in responses] == [{"request_id": i} for i in range(REQUESTS)]
+        assert countdown.done.wait(WAIT_SECONDS), "the background tasks did not all run"
+
+    spans = by_id(exporter)
+    servers = [s for s in spans.values() if s.kind is SpanKind.SERVER]
+    assert len(servers) == REQUESTS
+    assert len({s.context.trace_id for s in servers}) == REQUESTS
+
+    tasks = task_spans(exporter)
+    assert len(tasks) == REQUESTS * TASKS_PER_REQUEST
+    per_request: dict[int, list[str]] = {i: [] for i in range(REQUESTS)}
+    mix_ups: list[tuple[str, Any, Any]] = []
+    for task in tasks:
+        assert task.attributes is not None
+        assert task.attributes["background_task.outcome"] == "success"
+        task_request_id = task.attributes["test.task_request_id"]
+        assert task.parent is not None
+        creator = spans[task.parent.span_id]
+        expected: Callable[[ReadableSpan], bool] = (
+            (lambda s: s.name == "fastapi.endpoint") if setup == "native" else (lambda s: s.kind is SpanKind.SERVER)
+        )
+        assert expected(creator), creator.name
+        assert creator.attributes is not None
+        if creator.attributes["test.request_id"] != task_request_id:
+            mix_ups.append((task.name, task_request_id, creator.attributes["test.request_id"]))
+        server = request_span(spans, creator)
+        assert task.context.trace_id == server.context.trace_id
+        per_request[int(task_request_id)].append(task.name)  # type: ignore[arg-type]
+    assert mix_ups == []
+    expected_names = sorted(f"BackgroundTask {f.__qualname__}" for f in (first_task, second_task))
+    assert all(sorted(names) == expected_names for names in per_request.values()), per_request
