@@ -240,55 +240,63 @@ class TaskWrappers:
         return run
 
     def _end(self, run: TaskRun, exc: BaseException | None) -> None:
+        # Three independent guards: a broken meter must not keep the span open, nor silence the failure.
         end_ns = time_ns()
+        outcome, error = semconv.OUTCOME_ERROR, exc
         try:
             otel_context.detach(run.token)  # type: ignore[arg-type]
-            self._metrics.ended(run.metric_key)
-            duration = (end_ns - run.start_ns) / 1e9
-            outcome, error = self._classify(run, exc, duration)
-            span = run.span
-            if span.is_recording():
-                self._annotate(run, span, outcome, error)
-            self._warn_if_blocking(run)
-            self._metrics.duration.record(duration, self._attributes(run, outcome, error))
-            self._metrics.count(run.names.function_name, run.execution, outcome)
-            if run.worker_started:
-                self._metrics.threadpool_wait.record(
-                    run.worker_started - run.handed_off, self._attributes(run, None, None)
-                )
-            if error is not None:
-                if self._sentry is not None:
-                    self._report_to_sentry(run, outcome, error)
-                _log_failure(run, outcome, error)
-            span.end(end_ns)
+            outcome, error = self._classify(run, exc, (end_ns - run.start_ns) / 1e9)
+            if run.span.is_recording():
+                self._annotate(run, run.span, outcome, error)
+            run.span.end(end_ns)
         except Exception as internal:
             internal_error(internal)
+        try:
+            self._record_metrics(run, outcome, error, (end_ns - run.start_ns) / 1e9)
+            self._warn_if_blocking(run)
+        except Exception as internal:
+            internal_error(internal)
+        if error is not None:
+            if self._sentry is not None:
+                try:
+                    self._report_to_sentry(run, outcome, error)  # first: it tells Sentry our log record is a copy
+                except Exception as internal:
+                    internal_error(internal)
+            try:
+                _log_failure(run, outcome, error)
+            except Exception as internal:
+                internal_error(internal)
+
+    def _record_metrics(self, run: TaskRun, outcome: str, error: BaseException | None, duration: float) -> None:
+        task_metrics = self._metrics
+        task_metrics.ended(run.metric_key)
+        task_metrics.duration.record(duration, self._attributes(run, outcome, error))
+        task_metrics.count(run.names.function_name, run.execution, outcome)
+        if run.worker_started:
+            task_metrics.threadpool_wait.record(run.worker_started - run.handed_off, self._attributes(run, None, None))
 
     def _report_to_sentry(self, run: TaskRun, outcome: str, error: BaseException) -> None:
         assert self._sentry is not None
-        try:
-            self._sentry.claim(error)
-            task = run.task
-            failure = TaskFailure(
-                error=error,
-                qualname=run.names.qualname,
-                function_name=run.names.function_name,
-                execution=run.execution,
-                outcome=outcome,
-                span=run.span,
-                creating_span=trace.get_current_span(run.state.context),
-                queue_duration=run.queue_duration,
-                index=run.state.index,
-                func=task.func,
-                args=task.args,
-                kwargs=task.kwargs,
-            )
-            if run.state.index is not None and not self._options.continue_on_error:
-                run.state.failure = failure  # call_tasks forwards it, once it knows what was skipped
-            else:
-                self._sentry.forward(failure)
-        except Exception as exc:
-            internal_error(exc)
+        self._sentry.claim(error)
+        task = run.task
+        failure = TaskFailure(
+            error=error,
+            qualname=run.names.qualname,
+            function_name=run.names.function_name,
+            execution=run.execution,
+            outcome=outcome,
+            span=run.span,
+            creating_span=trace.get_current_span(run.state.context),
+            queue_duration=run.queue_duration,
+            index=run.state.index,
+            func=task.func,
+            args=task.args,
+            kwargs=task.kwargs,
+        )
+        if run.state.index is not None and not self._options.continue_on_error:
+            run.state.failure = failure  # call_tasks forwards it, once it knows what was skipped
+        else:
+            self._sentry.forward(failure)
 
     def _classify(self, run: TaskRun, exc: BaseException | None, duration: float) -> tuple[str, BaseException | None]:
         """The outcome, and the error to report (``None`` for success and cancellation)."""
