@@ -257,7 +257,7 @@ class TaskWrappers:
         except Exception as internal:
             internal_error(internal)
         if error is not None:
-            if self._sentry is not None:
+            if self._sentry is not None and self._sentry.wanted():
                 try:
                     self._report_to_sentry(run, outcome, error)  # first: it tells Sentry our log record is a copy
                 except Exception as internal:
@@ -398,7 +398,7 @@ class TaskWrappers:
             return await wrapped(*args, **kwargs)
         except BaseException:
             skipped = self._record_skipped(tasks)
-            if self._sentry is not None:
+            if self._sentry is not None and self._sentry.wanted():
                 self._forward_pending(tasks, skipped)
             raise
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import json
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -239,3 +241,25 @@ async def test_no_dsn_and_sentry_false_send_nothing(
     # With forwarding off, Sentry still sees the failure through its own means (the ERROR log record),
     # but never with our task tags.
     assert all("background_task" not in event.get("tags", {}) for event in receiver.events)
+
+
+def test_auto_mode_never_imports_sentry_sdk_itself() -> None:
+    """Importing sentry_sdk on the first failure would stall the event loop for nothing: the app does not use it."""
+    script = """
+import asyncio, logging, sys
+logging.disable(logging.CRITICAL)
+import otel_bgtasks
+from starlette.background import BackgroundTask
+otel_bgtasks.instrument()
+
+async def boom():
+    raise RuntimeError("boom")
+
+try:
+    asyncio.run(BackgroundTask(boom)())
+except RuntimeError:
+    pass
+print("sentry_sdk" in sys.modules)
+"""
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert completed.stdout.strip() == "False"

@@ -1,0 +1,179 @@
+"""``otel-bgtasks demo``, run as a user runs it: in its own process (the global tracer provider is
+set once per process, and conftest already set this one's), against a real uvicorn server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import cast
+
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+TASKS = (
+    "send_welcome_email",
+    "add_to_newsletter",
+    "charge_card",
+    "send_receipt",
+    "build_report",
+    "resize_images",
+    "upload_export",
+    "record_signup",
+    "record_signup_in",
+)
+
+
+def run_cli(*args: str, cwd: Path) -> tuple[subprocess.CompletedProcess[str], float]:
+    # Wide enough that rich wraps no line; no OTEL_* setting of the caller's may change the demo.
+    env = {key: value for key, value in os.environ.items() if not key.startswith("OTEL_")}
+    env["COLUMNS"] = "200"
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "otel_bgtasks.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=cwd,
+        check=False,
+    )
+    return result, time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], float]:
+    return run_cli("demo", cwd=tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture(scope="module")
+def lines(demo: tuple[subprocess.CompletedProcess[str], float]) -> list[str]:
+    result, _ = demo
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout.splitlines()
+
+
+def line_with(lines: list[str], *parts: str) -> int:
+    matches = [index for index, line in enumerate(lines) if all(part in line for part in parts)]
+    assert len(matches) == 1, f"{parts} in {len(matches)} lines of:\n" + "\n".join(lines)
+    return matches[0]
+
+
+def depth(line: str) -> int:
+    """How deep in its tree a line is: where its text starts after the tree guides."""
+    return len(line) - len(line.lstrip(" │├└─"))
+
+
+def test_demo_is_quick_and_quiet(demo: tuple[subprocess.CompletedProcess[str], float]) -> None:
+    result, seconds = demo
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert seconds < 20
+    # Failed tasks show as spans, not as uvicorn's or otel_bgtasks' tracebacks.
+    assert "Traceback" not in result.stdout + result.stderr
+    assert result.stderr == ""
+
+
+def test_every_task_shows_with_its_outcome(lines: list[str]) -> None:
+    outcomes = {
+        "send_welcome_email": "✔ success",
+        "charge_card": "✘ error",
+        "send_receipt": "⏭ skipped",
+        "resize_images": "✔ success",
+        "record_signup_in": "✘ error",
+    }
+    for task in TASKS:
+        index = line_with(lines, f"BackgroundTask {task} ")
+        assert outcomes.get(task, "success") in lines[index]
+
+
+def test_failed_task_shows_error_type_and_message(lines: list[str]) -> None:
+    task = line_with(lines, "BackgroundTask charge_card ")
+    error = line_with(
+        lines,
+        "otel_bgtasks.demo_app.PaymentDeclinedError: order 1042: card declined (insufficient funds) for 49.99 EUR",
+    )
+    assert error == task + 1
+    assert depth(lines[error]) > depth(lines[task])
+
+
+def test_task_after_the_failure_is_skipped(lines: list[str]) -> None:
+    skipped = line_with(lines, "BackgroundTask send_receipt ", "skipped")
+    assert skipped > line_with(lines, "BackgroundTask charge_card ")
+
+
+def test_sync_route_task_nests_under_the_routes_span(lines: list[str]) -> None:
+    request = line_with(lines, "GET /sync-route → 200")
+    span = line_with(lines, "prepare export")
+    task = line_with(lines, "BackgroundTask upload_export ")
+    assert request < span < task
+    assert task == span + 1
+    assert depth(lines[task]) > depth(lines[span])
+
+
+def test_database_cases(lines: list[str]) -> None:
+    task = line_with(lines, "BackgroundTask record_signup ")
+    insert = line_with(lines, "INSERT INTO audit_log")
+    assert task < insert
+    assert depth(lines[insert]) > depth(lines[task])
+    line_with(lines, "sqlalchemy.exc.InvalidRequestError: This Session has been permanently closed")
+
+
+def test_blocking_task_is_flagged(lines: list[str]) -> None:
+    task = line_with(lines, "BackgroundTask resize_images ", "async")
+    assert "blocked the event loop" in lines[task + 1]
+
+
+class Receiver(ThreadingHTTPServer):
+    """A stand-in OTLP/HTTP collector: keeps every request's path and body."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), ReceiverHandler)
+        self.received: list[tuple[str, bytes]] = []
+
+
+class ReceiverHandler(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        cast(Receiver, self.server).received.append((self.path, body))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    server = Receiver()
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    thread.join()
+    server.server_close()
+
+
+def test_otlp_endpoint_receives_task_spans(receiver: Receiver, tmp_path: Path) -> None:
+    endpoint = f"http://127.0.0.1:{receiver.server_address[1]}"
+    result, _ = run_cli("demo", "--otlp-endpoint", endpoint, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"to {endpoint}/v1/traces" in result.stdout
+    assert "BackgroundTask" not in result.stdout  # sent, not printed
+
+    assert receiver.received
+    names: set[str] = set()
+    for path, body in receiver.received:
+        assert path == "/v1/traces"
+        request = ExportTraceServiceRequest.FromString(body)
+        for resource_spans in request.resource_spans:
+            service = {a.key: a.value.string_value for a in resource_spans.resource.attributes}["service.name"]
+            assert service == "otel-bgtasks-demo"
+            names.update(span.name for scope in resource_spans.scope_spans for span in scope.spans)
+    assert {f"BackgroundTask {task}" for task in TASKS} <= names
