@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import reprlib
 from collections.abc import Callable, Iterable, Mapping
+from types import CodeType
 from typing import Any, Final, cast
 
 REDACTED: Final = "[redacted]"
@@ -82,11 +83,27 @@ def _normal(key: str) -> str:
     return key.lower().replace("-", "_")
 
 
+_signatures: dict[CodeType, tuple[inspect.Parameter, ...] | None] = {}
+
+
+def _parameters(func: Callable[..., Any]) -> tuple[inspect.Parameter, ...] | None:
+    """``func``'s parameters; cached per code object for plain functions (inspect.signature costs microseconds)."""
+    code: CodeType | None = getattr(func, "__code__", None)  # bound methods and partials: computed each time
+    if code is not None and code in _signatures:
+        return _signatures[code]
+    try:
+        parameters = tuple(inspect.signature(func).parameters.values())
+    except (TypeError, ValueError):
+        parameters = None
+    if code is not None and len(_signatures) < 1024:
+        _signatures[code] = parameters
+    return parameters
+
+
 def _parameter_names(func: Callable[..., Any], count: int) -> list[str | None]:
     """The parameter names ``count`` positional arguments bind to (``None`` where unknown)."""
-    try:
-        parameters = list(inspect.signature(func).parameters.values())
-    except (TypeError, ValueError):
+    parameters = _parameters(func)
+    if parameters is None:
         return [None] * count
     names: list[str | None] = []
     for parameter in parameters:

@@ -204,31 +204,27 @@ class TaskWrappers:
         names = state.names
         execution = semconv.EXECUTION_ASYNC if task.is_async else semconv.EXECUTION_THREADPOOL
         start_ns = time_ns()
+        queue_duration = None if state.enqueued_ns is None else (start_ns - state.enqueued_ns) / 1e9
+        # All the start attributes in one dict: samplers see them, and the SDK takes them in one pass.
+        attributes: dict[str, AttributeValue] = {**names.attributes, semconv.EXECUTION: execution}
+        if state.index is not None:
+            attributes[semconv.INDEX] = state.index
+        if queue_duration is not None:
+            attributes[semconv.QUEUE_DURATION] = queue_duration
         creating = state.context
         if self._link_mode:
             span = self._tracer.start_span(
-                names.span_name, Context(), SpanKind.INTERNAL, names.attributes, _link_to(creating), start_ns
+                names.span_name, Context(), SpanKind.INTERNAL, attributes, _link_to(creating), start_ns
             )
         else:
-            span = self._tracer.start_span(
-                names.span_name, creating, SpanKind.INTERNAL, names.attributes, None, start_ns
-            )
+            span = self._tracer.start_span(names.span_name, creating, SpanKind.INTERNAL, attributes, None, start_ns)
         run = TaskRun(task, state, execution, span, start_ns)
         run.timeout = names.timeout_or(self._options.timeout)
-        run.queue_duration = queue_duration = (
-            None if state.enqueued_ns is None else (start_ns - state.enqueued_ns) / 1e9
-        )
+        run.queue_duration = queue_duration
         if span.is_recording():
-            attributes: dict[str, AttributeValue] = {semconv.EXECUTION: execution}
-            if state.index is not None:
-                attributes[semconv.INDEX] = state.index
-            if queue_duration is not None:
-                attributes[semconv.QUEUE_DURATION] = queue_duration
             if self._arguments is not None:
                 args, kwargs = self._arguments.render(task.func, task.args, task.kwargs)
-                attributes[semconv.ARGS] = args
-                attributes[semconv.KWARGS] = kwargs
-            span.set_attributes(attributes)
+                span.set_attributes({semconv.ARGS: args, semconv.KWARGS: kwargs})
             if self._link_mode:
                 _link_back(trace.get_current_span(creating), span)
         self._metrics.started(run.metric_key)
