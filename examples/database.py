@@ -37,8 +37,8 @@ Run it from the repository root, alone::
 from fastapi import FastAPI
 
 import otel_bgtasks
-from otel_bgtasks.demo_app import database_router
+from otel_bgtasks.demo_app import create_tables, database_router
 
-app = FastAPI(title="otel_bgtasks database example")
-app.include_router(database_router)  # POST /audit (right) and POST /audit-wrong (wrong); creates the tables
+app = FastAPI(title="otel_bgtasks database example", lifespan=create_tables)
+app.include_router(database_router)  # POST /audit (right) and POST /audit-wrong (wrong)
 otel_bgtasks.instrument(app)

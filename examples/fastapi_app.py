@@ -23,9 +23,9 @@ or see every route's trace as a tree, with no server to start: ``otel-bgtasks de
 from fastapi import FastAPI
 
 import otel_bgtasks
-from otel_bgtasks.demo_app import database_router, router
+from otel_bgtasks.demo_app import create_tables, database_router, router
 
-app = FastAPI(title="otel_bgtasks example")
+app = FastAPI(title="otel_bgtasks example", lifespan=create_tables)
 app.include_router(router)
 app.include_router(database_router)
 

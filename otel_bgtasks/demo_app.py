@@ -153,13 +153,13 @@ class AuditEntry(Base):
 
 @asynccontextmanager
 async def create_tables(_app: FastAPI) -> AsyncGenerator[None]:
-    """Create the tables when the app starts (FastAPI merges a router's lifespan into the app's)."""
+    """Create the tables when the app starts: pass it as the app's ``lifespan=`` (FastAPI >= 0.93)."""
     async with engine.begin() as connection:
         await connection.run_sync(Base.metadata.create_all)
     yield
 
 
-database_router = APIRouter(lifespan=create_tables)
+database_router = APIRouter()
 
 
 async def create_user(session: AsyncSession, email: str) -> User:
@@ -210,7 +210,7 @@ async def audit_wrong(tasks: BackgroundTasks) -> dict[str, int]:
 
 def create_app() -> FastAPI:
     """The demo app; a function, so that importing the routers instruments nothing."""
-    app = FastAPI(title="otel_bgtasks demo")
+    app = FastAPI(title="otel_bgtasks demo", lifespan=create_tables)
     app.include_router(router)
     app.include_router(database_router)
     otel_bgtasks.instrument(app)  # one span per background task, under the span that queued it

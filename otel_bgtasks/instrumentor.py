@@ -25,12 +25,18 @@ instrumentor_lock = threading.RLock()
 
 
 def _fastapi_overrides_call() -> bool:
-    """FastAPI >= 0.163 overrides ``BackgroundTasks.__call__`` to add its native span; older ones inherit it."""
+    """FastAPI >= 0.163 overrides ``BackgroundTasks.__call__`` to add its native span.
+
+    Older releases subclass Starlette's class without overriding it, or (before 0.101) re-export
+    Starlette's class itself: patching "fastapi.background.BackgroundTasks.__call__" there would wrap
+    Starlette's twice.
+    """
     if importlib.util.find_spec("fastapi") is None:
         return False
     from fastapi import background
+    from starlette.background import BackgroundTasks
 
-    return "__call__" in vars(background.BackgroundTasks)
+    return background.BackgroundTasks is not BackgroundTasks and "__call__" in vars(background.BackgroundTasks)
 
 
 class BackgroundTasksInstrumentor(BaseInstrumentor):

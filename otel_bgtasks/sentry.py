@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-import weakref
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
@@ -27,8 +27,10 @@ from otel_bgtasks.arguments import ArgumentCapture
 MECHANISM: Final = "otel_bgtasks"
 _OURS: Final = "otel_bgtasks_event"  # hint key marking the events we capture ourselves
 
-# Exceptions already forwarded (or about to be): any other Sentry event about them is a duplicate.
-_forwarded: weakref.WeakSet[BaseException] = weakref.WeakSet()
+# Exceptions already forwarded (or about to be): any other Sentry event about them is a duplicate. The
+# other events come right after ours (the log record, the ASGI integration as the exception propagates),
+# so the last few are enough; a deque because builtin exceptions cannot be weakly referenced.
+_forwarded: deque[BaseException] = deque(maxlen=64)
 _processor_added = False
 
 
@@ -79,7 +81,7 @@ class SentryForwarder:
     def claim(error: BaseException) -> None:
         """Mark ``error`` as ours before anything (our own log record included) reports it to Sentry."""
         _add_processor_once()
-        _forwarded.add(error)
+        _forwarded.append(error)
 
     def forward(self, failure: TaskFailure) -> None:
         """Capture one event for ``failure``, if a Sentry client is active."""
@@ -101,12 +103,12 @@ class SentryForwarder:
         span_context = failure.span.get_span_context()
         route = (
             _route(failure.creating_span)
-            or _sentry_route(sentry_sdk.get_current_scope())
-            or _sentry_route(sentry_sdk.get_isolation_scope())
+            or _sentry_route(sentry_sdk.Scope.get_current_scope())  # module-level shortcuts: sentry-sdk >= 2.2
+            or _sentry_route(sentry_sdk.Scope.get_isolation_scope())
         )
         # Named in the event itself: Sentry's request integrations only fill in a name that is missing.
         event["transaction"] = f"BackgroundTask {failure.qualname}"
-        event["transaction_info"] = {"source": "custom"}
+        event["transaction_info"] = {"source": "component"}  # named after a function; kept by every version
         with sentry_sdk.new_scope() as scope:
             scope.set_tag("background_task", failure.qualname)
             scope.set_tag("background_task.outcome", failure.outcome)
@@ -122,7 +124,7 @@ class SentryForwarder:
                     level="warning",
                     data={"code.function.name": name, "background_task.outcome": "skipped"},
                 )
-            DedupeIntegration.reset_last_seen()  # our log record may have been "seen" first
+            _forget_last_seen(client, DedupeIntegration)  # our log record may have been "seen" first
             scope.capture_event(event, hint)
 
     def _context(self, failure: TaskFailure, send_arguments: bool) -> dict[str, Any]:
@@ -137,6 +139,17 @@ class SentryForwarder:
         if send_arguments and self._arguments is not None:
             context["args"], context["kwargs"] = self._arguments.render(failure.func, failure.args, failure.kwargs)
         return context
+
+
+def _forget_last_seen(client: Any, dedupe: Any) -> None:
+    """Let Sentry's DedupeIntegration take our event although it saw the exception in a dropped one."""
+    reset = getattr(dedupe, "reset_last_seen", None)
+    if reset is not None:
+        reset()
+        return
+    integration = client.get_integration(dedupe)  # sentry-sdk < 2.x without reset_last_seen()
+    if integration is not None:
+        integration._last_seen.set(None)
 
 
 def _route(creating_span: Span) -> str | None:
@@ -169,7 +182,7 @@ def _is_duplicate(event: dict[str, Any], hint: dict[str, Any]) -> bool:
     error: BaseException | None = exc_info[1] if exc_info else None
     seen: set[int] = set()
     while error is not None and id(error) not in seen:  # Starlette wraps ours: "... from exc"
-        if error in _forwarded:
+        if any(error is forwarded for forwarded in _forwarded):
             return True
         seen.add(id(error))
         error = error.__cause__ or error.__context__

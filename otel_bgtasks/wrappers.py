@@ -244,9 +244,10 @@ class TaskWrappers:
             outcome, error = self._classify(run, exc, (end_ns - run.start_ns) / 1e9)
             if run.span.is_recording():
                 self._annotate(run, run.span, outcome, error)
-            run.span.end(end_ns)
         except Exception as internal:
             internal_error(internal)
+        finally:
+            run.span.end(end_ns)
         try:
             self._record_metrics(run, outcome, error, (end_ns - run.start_ns) / 1e9)
             self._warn_if_blocking(run)
@@ -302,7 +303,7 @@ class TaskWrappers:
                     f"ran {duration:.3f} s, over its {run.timeout:g} s timeout (a sync task cannot be cancelled)"
                 )
             return semconv.OUTCOME_SUCCESS, None
-        if run.scope is not None and run.scope.cancelled_caught:
+        if run.scope is not None and run.scope.cancel_called and isinstance(exc, TimeoutError):
             return semconv.OUTCOME_TIMEOUT, exc
         if isinstance(exc, anyio.get_cancelled_exc_class()):
             return semconv.OUTCOME_CANCELLED, None

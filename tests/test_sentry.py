@@ -263,3 +263,19 @@ print("sentry_sdk" in sys.modules)
 """
     completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
     assert completed.stdout.strip() == "False"
+
+
+def lookup(key: str) -> None:
+    raise KeyError(key)  # a builtin exception: it cannot be weakly referenced
+
+
+async def test_builtin_exception_is_one_event_too(receiver: EnvelopeReceiver, tracer_provider: TracerProvider) -> None:
+    init_sentry(receiver.dsn, framework_integrations=True)
+    app = otel_bgtasks.instrument(app_with((lookup, ("sku-1",))), tracer_provider=tracer_provider)
+
+    await post(app)
+    sentry_sdk.flush(timeout=5)
+
+    (event,) = receiver.events
+    assert event["exception"]["values"][-1]["type"] == "KeyError"
+    assert event["tags"]["background_task"] == "lookup"

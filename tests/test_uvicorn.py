@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from conftest import spans_named, task_spans
+from conftest import spans_named, task_spans, with_native
 from fastapi import BackgroundTasks, FastAPI
 from opentelemetry import trace
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
@@ -117,7 +117,7 @@ class Countdown:
                 self.done.set()
 
 
-@pytest.mark.parametrize("setup", SETUPS)
+@pytest.mark.parametrize("setup", with_native(SETUPS))
 async def test_sync_route_span_is_the_task_parent(
     setup: str, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
 ) -> None:
@@ -169,7 +169,7 @@ async def test_sync_route_span_is_the_task_parent(
     assert not spans_named(exporter, "fastapi.background_task")
 
 
-@pytest.mark.parametrize("setup", SETUPS)
+@pytest.mark.parametrize("setup", with_native(SETUPS))
 async def test_async_route_tasks_are_children_of_the_request(
     setup: str, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
 ) -> None:
@@ -217,7 +217,7 @@ REQUESTS = 50
 TASKS_PER_REQUEST = 2
 
 
-@pytest.mark.parametrize("setup", ["asgi", "native"])
+@pytest.mark.parametrize("setup", with_native(["asgi", "native"]))
 async def test_concurrent_requests_each_keep_their_own_tasks(
     setup: str, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
 ) -> None:
