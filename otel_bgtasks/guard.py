@@ -2,7 +2,7 @@
 
 Everything otel_bgtasks does around a task runs under :func:`internal_error` or inside
 :class:`capture_internal_exceptions`. A failure there is logged once per place it happens (a broken
-exporter would otherwise log on every task) and the task runs as if it were not instrumented.
+exporter would otherwise log on every task), and the task runs exactly as it would uninstrumented.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ def internal_error(exc: BaseException) -> None:
                 return
             _seen.add(key)
         _logger.error(
-            "otel_bgtasks failed internally; the background task runs untraced. Please report this.",
+            "otel_bgtasks failed internally; the background task itself is unaffected, but its telemetry may be "
+            "incomplete. Please report this.",
             exc_info=exc,
         )
     except Exception:

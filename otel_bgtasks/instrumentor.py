@@ -49,6 +49,7 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
 
     _patched_fastapi = False
     _contrib: ContribFastAPI | None = None
+    _wrappers: TaskWrappers | None = None
 
     def instrumentation_dependencies(self) -> Collection[str]:
         """The Starlette range ``opentelemetry-instrument`` checks before loading us."""
@@ -79,6 +80,7 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
             sentry = SentryForwarder(options.sentry, arguments)
         wrappers = TaskWrappers(tracer, TaskMetrics(meter_provider), options, arguments, sentry)
         wrappers.bypass_call = contrib_original_call()
+        self._wrappers = wrappers
         self._contrib = ContribFastAPI(wrappers)
 
         wrap_function_wrapper(background, "BackgroundTask.__init__", wrappers.init_task)
@@ -105,3 +107,6 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
         if self._contrib is not None:
             self._contrib.remove()
             self._contrib = None
+        if self._wrappers is not None:
+            self._wrappers.retired = True
+            self._wrappers = None

@@ -132,6 +132,8 @@ class TaskWrappers:
         self.bypass_call: _Wrapped | None = None
         self._duration_attributes: dict[tuple[str, str, str, str | None], dict[str, AttributeValue]] = {}
         self._warned_blocking: set[str] = set()
+        # Set by uninstrument(): a task created before and run after it was never seen to start.
+        self.retired = False
 
     # -- creation ---------------------------------------------------------------------------------
 
@@ -169,6 +171,8 @@ class TaskWrappers:
         return problem
 
     def _dropped(self, state: TaskState) -> None:
+        if self.retired:
+            return
         execution = semconv.EXECUTION_THREADPOOL  # unknown for a task never run; sync is Starlette's default
         self._metrics.count(state.names.function_name, execution, semconv.OUTCOME_DROPPED)
         report_dropped(state.names.function_name, state.site)
@@ -212,12 +216,7 @@ class TaskWrappers:
         if queue_duration is not None:
             attributes[semconv.QUEUE_DURATION] = queue_duration
         creating = state.context
-        if self._link_mode:
-            span = self._tracer.start_span(
-                names.span_name, Context(), SpanKind.INTERNAL, attributes, _link_to(creating), start_ns
-            )
-        else:
-            span = self._tracer.start_span(names.span_name, creating, SpanKind.INTERNAL, attributes, None, start_ns)
+        span = self._start_span(names.span_name, creating, attributes, start_ns)
         run = TaskRun(task, state, execution, span, start_ns)
         run.timeout = names.timeout_or(self._options.timeout)
         run.queue_duration = queue_duration
@@ -227,13 +226,28 @@ class TaskWrappers:
                 span.set_attributes({semconv.ARGS: args, semconv.KWARGS: kwargs})
             if self._link_mode:
                 _link_back(trace.get_current_span(creating), span)
-        self._metrics.started(run.metric_key)
-        if queue_duration is not None:
-            self._metrics.queue_duration.record(queue_duration, self._attributes(run, None, None))
+        try:  # a broken meter must not lose the span
+            self._metrics.started(run.metric_key)
+            if queue_duration is not None:
+                self._metrics.queue_duration.record(queue_duration, self._attributes(run, None, None))
+        except Exception as exc:
+            internal_error(exc)
         run.token = otel_context.attach(
             otel_context.set_value(_RUN_KEY, run, trace.set_span_in_context(span, creating))
         )
         return run
+
+    def _start_span(self, name: str, creating: Context, attributes: dict[str, AttributeValue], start_ns: int) -> Span:
+        """The task's span, or, if the tracer fails, a non-recording one: metrics and logs still follow."""
+        try:
+            if self._link_mode:
+                return self._tracer.start_span(
+                    name, Context(), SpanKind.INTERNAL, attributes, _link_to(creating), start_ns
+                )
+            return self._tracer.start_span(name, creating, SpanKind.INTERNAL, attributes, None, start_ns)
+        except Exception as exc:
+            internal_error(exc)
+            return trace.INVALID_SPAN
 
     def _end(self, run: TaskRun, exc: BaseException | None) -> None:
         # Three independent guards: a broken meter must not keep the span open, nor silence the failure.
@@ -429,11 +443,7 @@ class TaskWrappers:
                 }
                 if state.index is not None:
                     attributes[semconv.INDEX] = state.index
-                if self._link_mode:
-                    parent, links = Context(), _link_to(state.context)
-                else:
-                    parent, links = state.context, None
-                self._tracer.start_span(names.span_name, parent, SpanKind.INTERNAL, attributes, links, now).end(now)
+                self._start_span(names.span_name, state.context, attributes, now).end(now)
                 self._metrics.count(names.function_name, execution, semconv.OUTCOME_SKIPPED)
                 skipped.append(names.function_name)
             if skipped:
