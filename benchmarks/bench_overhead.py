@@ -243,7 +243,64 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:55} {part / span:6.2f}")
     print(f"  {breakdown[-1][0]:55} {breakdown[-1][1]:6.2f}")
     print(f"  one histogram record, 3 attributes {'':19} {histogram_cost(meter_provider) / span:6.2f}")
+    print()
+    print("Per-signal pieces, each timed alone, in bare spans:")
+    for name, seconds in signal_costs(meter_provider).items():
+        print(f"  {name:60} {seconds / span:6.2f}")
     return 0
+
+
+def per_call(func: Callable[[], object], n: int = 20000) -> float:
+    samples = []
+    for _ in range(5):
+        started = time.perf_counter()
+        for _ in range(n):
+            func()
+        samples.append((time.perf_counter() - started) / n)
+    return statistics.median(samples)
+
+
+def signal_costs(meter_provider: MeterProvider) -> dict[str, float]:
+    """What each optional or per-task signal adds, measured on its own (not a sum of the whole)."""
+    from otel_bgtasks.arguments import ArgumentCapture
+    from otel_bgtasks.blocking import LoopHoldTimer
+    from otel_bgtasks.metrics import TaskMetrics
+    from otel_bgtasks.mistakes import creation_site
+    from otel_bgtasks.naming import describe
+    from otel_bgtasks.wrappers import TaskState
+
+    task_metrics = TaskMetrics(meter_provider)
+    key = ("bench.noop_async", "async")
+    capture = ArgumentCapture(256)
+    loop = asyncio.new_event_loop()
+
+    def timer_steps(n: int = 20000) -> float:
+        async def run() -> float:
+            started = time.perf_counter()
+            for _ in range(n):
+                await LoopHoldTimer(noop_async())
+            return (time.perf_counter() - started) / n
+
+        return loop.run_until_complete(run())
+
+    costs = {
+        "naming (cached per function)": per_call(lambda: describe(noop_async)),
+        "dropped-task tracking: creation site + state with __del__": per_call(
+            lambda: (creation_site(), TaskState(context.get_current(), 0, describe(noop_async)))
+        ),
+        "active + outcome counts (observable: dict updates)": per_call(
+            lambda: (task_metrics.started(key), task_metrics.ended(key), task_metrics.count(*key, "success"))
+        ),
+        "context attach + detach around the task": per_call(
+            lambda: context.detach(context.attach(trace.set_span_in_context(trace.INVALID_SPAN)))
+        ),
+        "event-loop blocking timer (a task with no await)": timer_steps() - per_call(lambda: noop_async().close()),
+        "capture_args=True (2 positional, 1 keyword)": per_call(
+            lambda: capture.render(noop_async, ("a@example.com", 3), {"password": "x"})
+        ),
+    }
+    loop.close()
+    return costs
 
 
 def histogram_cost(meter_provider: MeterProvider, n: int = 20000) -> float:
