@@ -49,7 +49,7 @@ from typing import Any, TypeVar
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
-from otel_bgtasks.instrumentor import BackgroundTasksInstrumentor, instrumentor_lock
+from otel_bgtasks.instrumentor import BackgroundTasksInstrumentor, instrumentor_lock, watch_imports
 from otel_bgtasks.request_spans import ensure_request_spans
 from otel_bgtasks.task_options import task_options
 from otel_bgtasks.version import __version__
@@ -76,6 +76,7 @@ def instrument(
     if mode is not None:
         options["mode"] = mode
     instrumentor = BackgroundTasksInstrumentor()
+    watch_imports()  # before the lock: see there
     with instrumentor_lock:
         if not instrumentor.is_instrumented_by_opentelemetry:
             instrumentor.instrument(tracer_provider=tracer_provider, meter_provider=meter_provider, **options)

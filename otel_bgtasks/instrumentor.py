@@ -2,38 +2,71 @@
 
 from __future__ import annotations
 
-import importlib.util
+import sys
 import threading
 from collections.abc import Collection
-from typing import Any
+from types import ModuleType
+from typing import Any, Final
 
 from opentelemetry import trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 from opentelemetry.instrumentation.utils import unwrap
-from wrapt import wrap_function_wrapper
+from wrapt import register_post_import_hook, wrap_function_wrapper
 
 from otel_bgtasks.arguments import ArgumentCapture
 from otel_bgtasks.config import resolve
+from otel_bgtasks.guard import internal_error
 from otel_bgtasks.metrics import TaskMetrics
 from otel_bgtasks.package import _instruments  # pyright: ignore[reportPrivateUsage]
-from otel_bgtasks.peers import ContribFastAPI, contrib_original_call
+from otel_bgtasks.peers import CONTRIB, ContribFastAPI, contrib_original_call
 from otel_bgtasks.sentry import SentryForwarder, sentry_installed
 from otel_bgtasks.version import __version__
 from otel_bgtasks.wrappers import TaskWrappers
 
 instrumentor_lock = threading.RLock()
 
+# Patched when the application imports them, never imported by us: in a Starlette-only process that
+# would load FastAPI, pydantic and contrib (over a hundred modules, more than 10 MiB) for nothing.
+_FASTAPI: Final = "fastapi.background"
+_LAZY: Final = (_FASTAPI, CONTRIB)
+# wrapt's post-import hooks cannot be unregistered: register them once per process; they patch only
+# if otel_bgtasks is instrumented when they fire.
+_hooks_registered = False
+_hooks_lock = threading.Lock()
 
-def _fastapi_overrides_call() -> bool:
+
+def watch_imports() -> None:
+    """Register the post-import hooks, once; call it before taking ``instrumentor_lock``.
+
+    wrapt < 1.15 runs hooks while holding its own lock and our hook then takes ``instrumentor_lock``:
+    calling into wrapt while holding ``instrumentor_lock`` could deadlock with an import in another thread.
+    """
+    global _hooks_registered
+    with _hooks_lock:
+        if _hooks_registered:
+            return
+        _hooks_registered = True
+    for name in _LAZY:
+        # Fires at once if the module is imported already: harmless, patching is idempotent.
+        register_post_import_hook(_imported, name)
+
+
+def _imported(module: ModuleType) -> None:
+    """Post-import hook: patch ``module`` if otel_bgtasks is instrumented now."""
+    try:
+        with instrumentor_lock:
+            BackgroundTasksInstrumentor().patch_lazy(module)
+    except Exception as exc:
+        internal_error(exc)  # raising here would fail the application's import
+
+
+def _fastapi_overrides_call(background: ModuleType) -> bool:
     """FastAPI >= 0.163 overrides ``BackgroundTasks.__call__`` to add its native span.
 
     Older releases subclass Starlette's class without overriding it, or (before 0.101) re-export
     Starlette's class itself: patching "fastapi.background.BackgroundTasks.__call__" there would wrap
     Starlette's twice.
     """
-    if importlib.util.find_spec("fastapi") is None:
-        return False
-    from fastapi import background
     from starlette.background import BackgroundTasks
 
     return background.BackgroundTasks is not BackgroundTasks and "__call__" in vars(background.BackgroundTasks)
@@ -47,7 +80,7 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
     ``OTEL_PYTHON_BGTASKS_*`` environment variables.
     """
 
-    _patched_fastapi = False
+    _fastapi_tasks: type | None = None  # fastapi.background.BackgroundTasks, once its __call__ is wrapped
     _contrib: ContribFastAPI | None = None
     _wrappers: TaskWrappers | None = None
 
@@ -57,6 +90,7 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
 
     def instrument(self, **kwargs: Any) -> None:
         """Patch, once: BaseInstrumentor checks and sets its flag without a lock."""
+        watch_imports()  # before the lock: see there
         with instrumentor_lock:
             super().instrument(**kwargs)  # type: ignore[no-untyped-call]
 
@@ -87,10 +121,21 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
         wrap_function_wrapper(background, "BackgroundTask.__call__", wrappers.call_task)
         wrap_function_wrapper(background, "BackgroundTasks.__call__", wrappers.call_tasks)
         wrap_function_wrapper(background, "run_in_threadpool", wrappers.run_in_threadpool)
-        self._patched_fastapi = _fastapi_overrides_call()
-        if self._patched_fastapi:
-            wrap_function_wrapper("fastapi.background", "BackgroundTasks.__call__", wrappers.call_fastapi_tasks)
         self._contrib.install()
+        for name in _LAZY:
+            if name in sys.modules:
+                self.patch_lazy(sys.modules[name])
+        # Otherwise the hooks watch_imports() registered patch them when they are imported.
+
+    def patch_lazy(self, module: ModuleType) -> None:
+        """Patch FastAPI's or contrib's module, once imported, unless uninstrumented or patched already."""
+        if self._wrappers is None or self._contrib is None:
+            return
+        if module.__name__ == CONTRIB:
+            self._contrib.watch(module)
+        elif self._fastapi_tasks is None and _fastapi_overrides_call(module):
+            wrap_function_wrapper(module, "BackgroundTasks.__call__", self._wrappers.call_fastapi_tasks)
+            self._fastapi_tasks = module.BackgroundTasks
 
     def _uninstrument(self, **kwargs: Any) -> None:
         from starlette import background
@@ -99,11 +144,9 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
         unwrap(background.BackgroundTask, "__call__")
         unwrap(background.BackgroundTasks, "__call__")
         unwrap(background, "run_in_threadpool")
-        if self._patched_fastapi:
-            from fastapi import background as fastapi_background
-
-            unwrap(fastapi_background.BackgroundTasks, "__call__")
-            self._patched_fastapi = False
+        if self._fastapi_tasks is not None:
+            unwrap(self._fastapi_tasks, "__call__")
+            self._fastapi_tasks = None
         if self._contrib is not None:
             self._contrib.remove()
             self._contrib = None

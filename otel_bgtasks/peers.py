@@ -12,7 +12,7 @@ deletes the attribute. To keep exactly one span per task in every order:
 
 from __future__ import annotations
 
-import importlib.util
+from types import ModuleType
 from typing import Any, Final
 
 from wrapt import wrap_function_wrapper
@@ -21,7 +21,7 @@ from otel_bgtasks.guard import internal_error
 from otel_bgtasks.wrappers import TaskWrappers
 
 MARKER: Final = "_otel_original_call"
-_CONTRIB: Final = "opentelemetry.instrumentation.fastapi"
+CONTRIB: Final = "opentelemetry.instrumentation.fastapi"
 
 
 def contrib_original_call() -> Any:
@@ -37,33 +37,36 @@ class ContribFastAPI:
     def __init__(self, wrappers: TaskWrappers) -> None:
         self._wrappers = wrappers
         self._our_call: Any = None
+        self._instrumentor: Any = None  # contrib's FastAPIInstrumentor class, once watched
         self._saved_uninstrument_app: Any = None
 
     def install(self) -> None:
-        """Claim the marker and watch contrib's ``uninstrument_app``."""
+        """Claim the marker; contrib's ``uninstrument_app`` is watched by :meth:`watch` once contrib is imported."""
         from starlette.background import BackgroundTask
 
         self._our_call = vars(BackgroundTask)["__call__"]
         if MARKER not in vars(BackgroundTask):
             setattr(BackgroundTask, MARKER, self._our_call)
-        if importlib.util.find_spec(_CONTRIB) is not None:
-            from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
-            # A staticmethod: opentelemetry's unwrap() would put back a plain function, so keep the original.
-            self._saved_uninstrument_app = vars(FastAPIInstrumentor)["uninstrument_app"]
-            wrap_function_wrapper(FastAPIInstrumentor, "uninstrument_app", self._after_uninstrument_app)
+    def watch(self, contrib: ModuleType) -> None:
+        """Wrap contrib's ``uninstrument_app``, once; ``contrib`` is its module, already imported."""
+        if self._instrumentor is not None:
+            return
+        self._instrumentor = contrib.FastAPIInstrumentor
+        # A staticmethod: opentelemetry's unwrap() would put back a plain function, so keep the original.
+        self._saved_uninstrument_app = vars(self._instrumentor)["uninstrument_app"]
+        wrap_function_wrapper(self._instrumentor, "uninstrument_app", self._after_uninstrument_app)
 
     def remove(self) -> None:
-        """Undo :meth:`install`; call after ``BackgroundTask.__call__`` is unwrapped."""
+        """Undo :meth:`install` and :meth:`watch`; call after ``BackgroundTask.__call__`` is unwrapped."""
         from starlette.background import BackgroundTask
 
         if self._our_call is not None and vars(BackgroundTask).get(MARKER) is self._our_call:
             delattr(BackgroundTask, MARKER)
         self._our_call = None
-        if self._saved_uninstrument_app is not None:
-            from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
-
-            setattr(FastAPIInstrumentor, "uninstrument_app", self._saved_uninstrument_app)  # noqa: B010
+        if self._instrumentor is not None:
+            setattr(self._instrumentor, "uninstrument_app", self._saved_uninstrument_app)  # noqa: B010
+            self._instrumentor = None
             self._saved_uninstrument_app = None
 
     def _after_uninstrument_app(

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 from typing import Any
 
@@ -199,3 +204,205 @@ async def test_concurrent_instrument_and_uninstrument_leave_a_clean_state(tracer
 
     assert current_attributes() == ORIGINALS
     assert not hasattr(background.BackgroundTask, "_otel_original_call")
+
+
+# -- Lazy patching: FastAPI and contrib are patched when imported, never imported by otel_bgtasks -----
+
+LAZY_PRELUDE = textwrap.dedent(
+    """
+    import asyncio
+    import json
+    import sys
+
+    import httpx
+    import wrapt
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    import otel_bgtasks
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    NATIVE_OFF = {"tracing": False, "metrics": False, "logs": False}  # older FastAPI accepts and ignores it
+
+
+    def work():
+        pass
+
+
+    def fastapi_app(telemetry):
+        from fastapi import BackgroundTasks, FastAPI
+
+        app = FastAPI(telemetry=telemetry)
+
+        @app.get("/")
+        async def route(background_tasks: BackgroundTasks):
+            background_tasks.add_task(work)
+            return {}
+
+        return app
+
+
+    def serve_one(app):
+        # One request, tasks included; returns (name, code.function.name) of its spans.
+        async def get():
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                assert (await client.get("/")).status_code == 200
+
+        asyncio.run(get())
+        spans = [(s.name, (s.attributes or {}).get("code.function.name")) for s in exporter.get_finished_spans()]
+        exporter.clear()
+        return spans
+
+
+    def wrapped(owner, name):
+        return isinstance(vars(owner).get(name), wrapt.FunctionWrapper)
+
+
+    def fastapi_override():
+        # FastAPI >= 0.163's own BackgroundTasks.__call__: older releases inherit or re-export Starlette's.
+        from fastapi import background
+        from starlette.background import BackgroundTasks
+
+        if background.BackgroundTasks is not BackgroundTasks and "__call__" in vars(background.BackgroundTasks):
+            return background.BackgroundTasks
+        return None
+    """
+)
+OUR_TASK_SPAN = ["BackgroundTask work", "__main__.work"]
+
+
+def run_lazy(body: str) -> dict[str, Any]:
+    """Run the prelude and ``body`` in a fresh interpreter; return the JSON ``body`` prints last."""
+    environ = {key: value for key, value in os.environ.items() if not key.startswith(("OTEL_", "FASTAPI_OTEL_"))}
+    completed = subprocess.run(
+        [sys.executable, "-c", LAZY_PRELUDE + textwrap.dedent(body)],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "failed internally" not in completed.stderr, completed.stderr
+    return json.loads(completed.stdout.splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def task_spans_of(spans: list[list[Any]]) -> list[list[Any]]:
+    return [span for span in spans if span[0].startswith("BackgroundTask")]
+
+
+def test_starlette_only_process_never_imports_fastapi() -> None:
+    observed = run_lazy(
+        """
+        from starlette.applications import Starlette
+        from starlette.background import BackgroundTask
+        from starlette.responses import PlainTextResponse
+        from starlette.routing import Route
+
+
+        async def route(request):
+            return PlainTextResponse("ok", background=BackgroundTask(work))
+
+
+        app = otel_bgtasks.instrument(Starlette(routes=[Route("/", route)]), tracer_provider=provider)
+        spans = serve_one(app)
+        otel_bgtasks.uninstrument()
+        lazy = ("fastapi", "pydantic", "opentelemetry.instrumentation.fastapi")
+        print(json.dumps({"spans": spans, "imported": [name for name in lazy if name in sys.modules]}))
+        """
+    )
+    assert observed["imported"] == []
+    assert task_spans_of(observed["spans"]) == [OUR_TASK_SPAN]
+
+
+def test_fastapi_imported_after_instrument_gets_exactly_one_task_span() -> None:
+    observed = run_lazy(
+        """
+        import inspect
+
+        otel_bgtasks.instrument(tracer_provider=provider)
+        assert "fastapi" not in sys.modules
+        from fastapi import FastAPI
+
+        override = fastapi_override()
+        patched = override is not None and wrapped(override, "__call__")
+        native = "telemetry" in inspect.signature(FastAPI).parameters
+        app = fastapi_app({"tracer_provider": provider} if native else NATIVE_OFF)
+        spans = serve_one(otel_bgtasks.instrument(app, tracer_provider=provider))
+        otel_bgtasks.uninstrument()
+        print(json.dumps({
+            "override": override is not None,
+            "patched": patched,
+            "native": native,
+            "spans": spans,
+            "restored": override is None or not wrapped(override, "__call__"),
+        }))
+        """
+    )
+    # Only FastAPI >= 0.163 (native telemetry) overrides __call__, to open a fastapi.background_task span
+    # around each task: the post-import hook must have wrapped it, leaving our span alone.
+    assert observed["override"] == observed["native"]
+    assert observed["patched"] == observed["override"]
+    assert task_spans_of(observed["spans"]) == [OUR_TASK_SPAN]
+    assert [name for name, _ in observed["spans"] if name == "fastapi.background_task"] == []
+    assert observed["restored"]
+
+
+def test_contrib_imported_after_instrument_keeps_exactly_one_task_span() -> None:
+    observed = run_lazy(
+        """
+        otel_bgtasks.instrument(tracer_provider=provider)
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+        watched = wrapped(FastAPIInstrumentor, "uninstrument_app")
+        first = fastapi_app(NATIVE_OFF)
+        FastAPIInstrumentor.instrument_app(first, tracer_provider=provider)
+        with_contrib = serve_one(first)
+        FastAPIInstrumentor.uninstrument_app(first)
+        # Contrib's uninstrument_app() deleted its marker: applied again, it would add its bare span.
+        second = fastapi_app(NATIVE_OFF)
+        FastAPIInstrumentor.instrument_app(second, tracer_provider=provider)
+        reapplied = serve_one(second)
+        FastAPIInstrumentor.uninstrument_app(second)
+        after = serve_one(otel_bgtasks.instrument(fastapi_app(NATIVE_OFF), tracer_provider=provider))
+        otel_bgtasks.uninstrument()
+        print(json.dumps({
+            "watched": watched,
+            "spans": [with_contrib, reapplied, after],
+            "restored": isinstance(vars(FastAPIInstrumentor)["uninstrument_app"], staticmethod),
+        }))
+        """
+    )
+    assert observed["watched"]
+    assert [task_spans_of(spans) for spans in observed["spans"]] == [[OUR_TASK_SPAN]] * 3
+    assert observed["restored"]
+
+
+def test_import_hooks_patch_only_while_instrumented() -> None:
+    """Hooks outlive uninstrument(): a module imported then stays unpatched, and instrument() patches it."""
+    observed = run_lazy(
+        """
+        otel_bgtasks.instrument(tracer_provider=provider)
+        otel_bgtasks.uninstrument()
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+        override = fastapi_override()
+
+
+        def patched():
+            fastapi_patched = override is not None and wrapped(override, "__call__")
+            return [fastapi_patched, wrapped(FastAPIInstrumentor, "uninstrument_app")]
+
+
+        uninstrumented = patched()
+        otel_bgtasks.instrument(tracer_provider=provider)
+        instrumented = patched()
+        otel_bgtasks.uninstrument()
+        print(json.dumps({"override": override is not None, "patched": [uninstrumented, instrumented, patched()]}))
+        """
+    )
+    assert observed["patched"] == [[False, False], [observed["override"], True], [False, False]]
