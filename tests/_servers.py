@@ -1,7 +1,7 @@
-"""A real uvicorn server in a thread, for tests that need options tests/test_uvicorn.py does not give.
+"""A real uvicorn server in a thread, and small helpers for the tests that serve over real sockets.
 
-Same approach as test_uvicorn.py: an ephemeral port on 127.0.0.1, startup and shutdown signalled with
-events, the server thread joined before the test asserts anything.
+An ephemeral port on 127.0.0.1, startup and shutdown signalled with events, the server thread joined
+before the test asserts anything.
 """
 
 from __future__ import annotations

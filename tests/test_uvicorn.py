@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
+from _servers import Countdown, serving
 from conftest import spans_named, task_spans, with_native
 from fastapi import BackgroundTasks, FastAPI
 from opentelemetry import trace
@@ -32,45 +32,6 @@ NATIVE_TELEMETRY_OFF: dict[str, Any] = {"tracing": False, "metrics": False, "log
 # How the app gets request spans: the ASGI middleware otel_bgtasks.instrument(app) adds, FastAPI's
 # native telemetry, or opentelemetry-instrumentation-fastapi (applied before otel_bgtasks).
 SETUPS = ["asgi", "native", "contrib"]
-
-
-class _Server(uvicorn.Server):
-    """A uvicorn server that says when its startup is over, whether it succeeded or not."""
-
-    def __init__(self, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self.startup_over = threading.Event()
-
-    async def startup(self, sockets: Any = None) -> None:
-        try:
-            await super().startup(sockets=sockets)
-        finally:
-            self.startup_over.set()
-
-
-@contextmanager
-def serving(app: FastAPI) -> Iterator[str]:
-    """Serve ``app`` on 127.0.0.1 in a thread; yield its base URL; stop it and join the thread on exit."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", ws="none", lifespan="on")
-    server = _Server(config)
-
-    def run() -> None:
-        try:
-            server.run()
-        finally:
-            server.startup_over.set()
-
-    thread = threading.Thread(target=run, name="uvicorn", daemon=True)
-    thread.start()
-    try:
-        assert server.startup_over.wait(WAIT_SECONDS), "uvicorn did not start"
-        assert server.started, "uvicorn failed to start"
-        host, port = server.servers[0].sockets[0].getsockname()[:2]
-        yield f"http://{host}:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(WAIT_SECONDS)
-        assert not thread.is_alive(), "uvicorn did not stop"
 
 
 def make_app(setup: str, tracer_provider: TracerProvider) -> FastAPI:
@@ -102,21 +63,6 @@ def request_span(spans: dict[int, ReadableSpan], span: ReadableSpan) -> Readable
     return current
 
 
-class Countdown:
-    """A thread-safe count of finished tasks that sets ``done`` at zero."""
-
-    def __init__(self, count: int) -> None:
-        self._count = count
-        self._lock = threading.Lock()
-        self.done = threading.Event()
-
-    def tick(self) -> None:
-        with self._lock:
-            self._count -= 1
-            if self._count == 0:
-                self.done.set()
-
-
 @pytest.mark.parametrize("setup", with_native(SETUPS))
 async def test_sync_route_span_is_the_task_parent(
     setup: str, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
@@ -142,8 +88,8 @@ async def test_sync_route_span_is_the_task_parent(
             background_tasks.add_task(async_task)
         return {"ok": True}
 
-    with instrumented(app, setup, tracer_provider) as served, serving(served) as url:
-        async with httpx.AsyncClient(base_url=url, timeout=WAIT_SECONDS) as client:
+    with instrumented(app, setup, tracer_provider) as served, serving(served) as running:
+        async with httpx.AsyncClient(base_url=running.url, timeout=WAIT_SECONDS) as client:
             response = await client.get("/sync")
         assert response.status_code == 200
         assert countdown.done.wait(WAIT_SECONDS), "the background tasks did not run"
@@ -189,8 +135,8 @@ async def test_async_route_tasks_are_children_of_the_request(
         background_tasks.add_task(async_task)
         return {"ok": True}
 
-    with instrumented(app, setup, tracer_provider) as served, serving(served) as url:
-        async with httpx.AsyncClient(base_url=url, timeout=WAIT_SECONDS) as client:
+    with instrumented(app, setup, tracer_provider) as served, serving(served) as running:
+        async with httpx.AsyncClient(base_url=running.url, timeout=WAIT_SECONDS) as client:
             response = await client.get("/async")
         assert response.status_code == 200
         assert countdown.done.wait(WAIT_SECONDS), "the background tasks did not run"
@@ -254,8 +200,8 @@ async def test_concurrent_requests_each_keep_their_own_tasks(
 
     # No keep-alive: a connection whose previous request still runs its tasks is never reused.
     limits = httpx.Limits(max_connections=REQUESTS, max_keepalive_connections=0)
-    with instrumented(app, setup, tracer_provider) as served, serving(served) as url:
-        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=WAIT_SECONDS) as client:
+    with instrumented(app, setup, tracer_provider) as served, serving(served) as running:
+        async with httpx.AsyncClient(base_url=running.url, limits=limits, timeout=WAIT_SECONDS) as client:
             responses = await asyncio.gather(*(client.get(f"/work/{i}") for i in range(REQUESTS)))
         assert [r.json() for r in responses] == [{"request_id": i} for i in range(REQUESTS)]
         assert countdown.done.wait(WAIT_SECONDS), "the background tasks did not all run"
