@@ -267,7 +267,7 @@ def signal_costs(meter_provider: MeterProvider) -> dict[str, float]:
     from otel_bgtasks.metrics import TaskMetrics
     from otel_bgtasks.mistakes import creation_site
     from otel_bgtasks.naming import describe
-    from otel_bgtasks.wrappers import TaskState
+    from otel_bgtasks.task_state import TaskState
 
     task_metrics = TaskMetrics(meter_provider)
     key = ("bench.noop_async", "async")

@@ -29,85 +29,17 @@ from otel_bgtasks.config import Options
 from otel_bgtasks.guard import internal_error
 from otel_bgtasks.metrics import TaskMetrics
 from otel_bgtasks.mistakes import creation_site, discard, invalid_task_problem, report_dropped
-from otel_bgtasks.naming import FunctionNames, describe, error_type
+from otel_bgtasks.naming import describe, error_type
 from otel_bgtasks.sentry import SentryForwarder, TaskFailure
+from otel_bgtasks.task_state import STATE_ATTRIBUTE, TaskRun, TaskState, state_of
 
 _logger = logging.getLogger("otel_bgtasks")
 
-STATE_ATTRIBUTE: Final = "_otel_bgtasks_state"
 # The running task, carried in the OpenTelemetry context we attach anyway, so the thread-pool hand-off
 # can find it without a context variable of its own.
 _RUN_KEY: Final = otel_context.create_key("otel_bgtasks.run")
 
 _Wrapped = Callable[..., Awaitable[Any]]
-
-
-class TaskState:
-    """What a task carries from its creation to its run."""
-
-    __slots__ = ("context", "done", "enqueued_ns", "failure", "index", "names", "on_drop", "site")
-
-    def __init__(self, context: Context, enqueued_ns: int | None, names: FunctionNames) -> None:
-        self.context = context
-        self.enqueued_ns = enqueued_ns
-        self.names = names
-        self.index: int | None = None
-        self.done = False  # ran, or was shown as skipped
-        self.site: str | None = None
-        self.on_drop: Callable[[TaskState], None] | None = None
-        self.failure: TaskFailure | None = None  # for Sentry, once the skipped tasks are known
-
-    def __del__(self) -> None:
-        # The task object is gone: if it never ran, nobody else will ever say so.
-        if not self.done and self.on_drop is not None:
-            with suppress(Exception):  # at interpreter exit logging may be gone: nothing safer is left to do
-                self.on_drop(self)
-
-
-def state_of(task: Any) -> TaskState:
-    """The task's state; a task created before ``instrument()`` gets one on first sight."""
-    state: TaskState | None = getattr(task, STATE_ATTRIBUTE, None)
-    if state is None:
-        state = TaskState(otel_context.get_current(), None, describe(task.func))
-        setattr(task, STATE_ATTRIBUTE, state)
-    return state
-
-
-class TaskRun:
-    """One execution of one task, from its span's start to its end."""
-
-    __slots__ = (
-        "execution",
-        "handed_off",
-        "metric_key",
-        "names",
-        "queue_duration",
-        "scope",
-        "span",
-        "start_ns",
-        "state",
-        "task",
-        "timeout",
-        "timer",
-        "token",
-        "worker_started",
-    )
-
-    def __init__(self, task: Any, state: TaskState, execution: str, span: Span, start_ns: int) -> None:
-        self.task = task
-        self.state = state
-        self.names = names = state.names
-        self.execution = execution
-        self.span = span
-        self.start_ns = start_ns
-        self.metric_key = (names.function_name, execution)
-        self.token: object = None
-        self.timeout: float | None = None
-        self.timer: LoopHoldTimer | None = None
-        self.scope: anyio.CancelScope | None = None
-        self.handed_off = 0.0
-        self.worker_started = 0.0
-        self.queue_duration: float | None = None
 
 
 class TaskWrappers:

@@ -50,7 +50,7 @@ from starlette import concurrency as starlette_concurrency
 
 import otel_bgtasks
 from otel_bgtasks import guard
-from otel_bgtasks.wrappers import TaskRun, TaskState
+from otel_bgtasks.task_state import TaskRun, TaskState
 
 NATIVE_TELEMETRY_OFF: dict[str, Any] = {"tracing": False, "metrics": False, "logs": False}
 INTERNAL_ERROR = "otel_bgtasks failed internally"
