@@ -24,6 +24,7 @@ import pytest
 import sentry_sdk
 import wrapt
 from _servers import WAIT_SECONDS, Countdown, closed_port, get_many, recording, serving
+from _spans import add_work_route, assert_each_request_keeps_its_tasks, tag_task_span
 from conftest import task_spans
 from fastapi import BackgroundTasks, FastAPI
 from fastapi import background as fastapi_background
@@ -308,9 +309,6 @@ async def test_500_concurrent_requests_each_keep_their_own_tasks(
     groups: dict[int, asyncio.Event] = {}
     waiting = max_waiting = 0
 
-    def tag_task_span(request_id: int) -> None:
-        trace.get_current_span().set_attribute("test.task_request_id", request_id)
-
     async def first_task(request_id: int) -> None:
         nonlocal arrived, waiting, max_waiting
         tag_task_span(request_id)
@@ -332,12 +330,7 @@ async def test_500_concurrent_requests_each_keep_their_own_tasks(
 
     app = make_app()
 
-    @app.get("/work/{request_id}")
-    async def work(request_id: int, background_tasks: BackgroundTasks) -> dict[str, int]:
-        trace.get_current_span().set_attribute("test.request_id", request_id)
-        background_tasks.add_task(first_task, request_id)
-        background_tasks.add_task(second_task, request_id)
-        return {"request_id": request_id}
+    add_work_route(app, first_task, second_task)
 
     served = otel_bgtasks.instrument(app, tracer_provider=tracer_provider, mode=mode)
     with serving(served) as server:
@@ -353,12 +346,8 @@ async def test_500_concurrent_requests_each_keep_their_own_tasks(
     assert len(servers) == CONCURRENT_REQUESTS
     tasks = task_spans(exporter)
     assert len(tasks) == CONCURRENT_REQUESTS * TASKS_PER_REQUEST
-    per_request: dict[int, list[str]] = {i: [] for i in range(CONCURRENT_REQUESTS)}
-    mix_ups: list[tuple[str, Any, Any]] = []
-    for task in tasks:
-        assert task.attributes is not None
-        assert task.attributes["background_task.outcome"] == "success"
-        task_request_id = task.attributes["test.task_request_id"]
+
+    def creator_of(task: ReadableSpan) -> ReadableSpan:
         if mode == "child":
             assert task.parent is not None
             creator = spans[task.parent.span_id]
@@ -370,13 +359,9 @@ async def test_500_concurrent_requests_each_keep_their_own_tasks(
             creator = spans[link.context.span_id]
             assert task.context.trace_id != creator.context.trace_id
         assert creator.kind is SpanKind.SERVER, creator.name
-        assert creator.attributes is not None
-        if creator.attributes["test.request_id"] != task_request_id:
-            mix_ups.append((task.name, task_request_id, creator.attributes["test.request_id"]))
-        per_request[int(task_request_id)].append(task.name)  # type: ignore[arg-type]
-    assert mix_ups == []
-    expected = sorted(f"BackgroundTask {f.__qualname__}" for f in (first_task, second_task))
-    assert all(sorted(names) == expected for names in per_request.values())
+        return creator
+
+    assert_each_request_keeps_its_tasks(tasks, CONCURRENT_REQUESTS, (first_task, second_task), creator_of)
     if mode == "link":  # every task its own trace
         assert len({t.context.trace_id for t in tasks}) == len(tasks)
 

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import httpx
 import pytest
 from _servers import Countdown, serving
+from _spans import add_work_route, assert_each_request_keeps_its_tasks, tag_task_span
 from conftest import spans_named, task_spans, with_native
 from fastapi import BackgroundTasks, FastAPI
-from opentelemetry import trace
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -63,14 +63,9 @@ def request_span(spans: dict[int, ReadableSpan], span: ReadableSpan) -> Readable
     return current
 
 
-@pytest.mark.parametrize("setup", with_native(SETUPS))
-async def test_sync_route_span_is_the_task_parent(
-    setup: str, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
-) -> None:
-    """opentelemetry-python-contrib#3586: a task queued inside a span opened in a ``def`` route belongs to it."""
-    tracer = tracer_provider.get_tracer("tests.uvicorn")
+def two_tasks() -> tuple[Countdown, Callable[[], None], Callable[[], Awaitable[None]]]:
+    """A countdown of two, and a sync and an async background task that each tick it once."""
     countdown = Countdown(2)
-    route_threads: list[threading.Thread] = []
 
     def sync_task() -> None:
         countdown.tick()
@@ -78,6 +73,26 @@ async def test_sync_route_span_is_the_task_parent(
     async def async_task() -> None:
         countdown.tick()
 
+    return countdown, sync_task, async_task
+
+
+async def get_once(app: FastAPI, setup: str, tracer_provider: TracerProvider, path: str, countdown: Countdown) -> None:
+    """Serve ``app`` instrumented as ``setup``, GET ``path`` (expecting a 200), wait for the countdown, stop."""
+    with instrumented(app, setup, tracer_provider) as served, serving(served) as running:
+        async with httpx.AsyncClient(base_url=running.url, timeout=WAIT_SECONDS) as client:
+            response = await client.get(path)
+        assert response.status_code == 200
+        assert countdown.done.wait(WAIT_SECONDS), "the background tasks did not run"
+
+
+@pytest.mark.parametrize("setup", with_native(SETUPS))
+async def test_sync_route_span_is_the_task_parent(
+    setup: str, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    """opentelemetry-python-contrib#3586: a task queued inside a span opened in a ``def`` route belongs to it."""
+    tracer = tracer_provider.get_tracer("tests.uvicorn")
+    countdown, sync_task, async_task = two_tasks()
+    route_threads: list[threading.Thread] = []
     app = make_app(setup, tracer_provider)
 
     @app.get("/sync")
@@ -88,11 +103,7 @@ async def test_sync_route_span_is_the_task_parent(
             background_tasks.add_task(async_task)
         return {"ok": True}
 
-    with instrumented(app, setup, tracer_provider) as served, serving(served) as running:
-        async with httpx.AsyncClient(base_url=running.url, timeout=WAIT_SECONDS) as client:
-            response = await client.get("/sync")
-        assert response.status_code == 200
-        assert countdown.done.wait(WAIT_SECONDS), "the background tasks did not run"
+    await get_once(app, setup, tracer_provider, "/sync", countdown)
 
     # The route ran in a worker thread, neither the test's nor the server's event loop thread.
     (route_thread,) = route_threads
@@ -119,14 +130,7 @@ async def test_sync_route_span_is_the_task_parent(
 async def test_async_route_tasks_are_children_of_the_request(
     setup: str, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
 ) -> None:
-    countdown = Countdown(2)
-
-    def sync_task() -> None:
-        countdown.tick()
-
-    async def async_task() -> None:
-        countdown.tick()
-
+    countdown, sync_task, async_task = two_tasks()
     app = make_app(setup, tracer_provider)
 
     @app.get("/async")
@@ -135,11 +139,7 @@ async def test_async_route_tasks_are_children_of_the_request(
         background_tasks.add_task(async_task)
         return {"ok": True}
 
-    with instrumented(app, setup, tracer_provider) as served, serving(served) as running:
-        async with httpx.AsyncClient(base_url=running.url, timeout=WAIT_SECONDS) as client:
-            response = await client.get("/async")
-        assert response.status_code == 200
-        assert countdown.done.wait(WAIT_SECONDS), "the background tasks did not run"
+    await get_once(app, setup, tracer_provider, "/async", countdown)
 
     spans = by_id(exporter)
     (server,) = [s for s in spans.values() if s.kind is SpanKind.SERVER]
@@ -173,9 +173,6 @@ async def test_concurrent_requests_each_keep_their_own_tasks(
     arrived = 0
     all_arrived = asyncio.Event()
 
-    def tag_task_span(request_id: int) -> None:
-        trace.get_current_span().set_attribute("test.task_request_id", request_id)
-
     async def first_task(request_id: int) -> None:
         nonlocal arrived
         tag_task_span(request_id)
@@ -191,12 +188,7 @@ async def test_concurrent_requests_each_keep_their_own_tasks(
 
     app = make_app(setup, tracer_provider)
 
-    @app.get("/work/{request_id}")
-    async def work(request_id: int, background_tasks: BackgroundTasks) -> dict[str, int]:
-        trace.get_current_span().set_attribute("test.request_id", request_id)
-        background_tasks.add_task(first_task, request_id)
-        background_tasks.add_task(second_task, request_id)
-        return {"request_id": request_id}
+    add_work_route(app, first_task, second_task)
 
     # No keep-alive: a connection whose previous request still runs its tasks is never reused.
     limits = httpx.Limits(max_connections=REQUESTS, max_keepalive_connections=0)
@@ -213,24 +205,16 @@ async def test_concurrent_requests_each_keep_their_own_tasks(
 
     tasks = task_spans(exporter)
     assert len(tasks) == REQUESTS * TASKS_PER_REQUEST
-    per_request: dict[int, list[str]] = {i: [] for i in range(REQUESTS)}
-    mix_ups: list[tuple[str, Any, Any]] = []
-    for task in tasks:
-        assert task.attributes is not None
-        assert task.attributes["background_task.outcome"] == "success"
-        task_request_id = task.attributes["test.task_request_id"]
+
+    def creator_of(task: ReadableSpan) -> ReadableSpan:
         assert task.parent is not None
         creator = spans[task.parent.span_id]
-        expected: Callable[[ReadableSpan], bool] = (
+        is_creator: Callable[[ReadableSpan], bool] = (
             (lambda s: s.name == "fastapi.endpoint") if setup == "native" else (lambda s: s.kind is SpanKind.SERVER)
         )
-        assert expected(creator), creator.name
-        assert creator.attributes is not None
-        if creator.attributes["test.request_id"] != task_request_id:
-            mix_ups.append((task.name, task_request_id, creator.attributes["test.request_id"]))
+        assert is_creator(creator), creator.name
         server = request_span(spans, creator)
         assert task.context.trace_id == server.context.trace_id
-        per_request[int(task_request_id)].append(task.name)  # type: ignore[arg-type]
-    assert mix_ups == []
-    expected_names = sorted(f"BackgroundTask {f.__qualname__}" for f in (first_task, second_task))
-    assert all(sorted(names) == expected_names for names in per_request.values()), per_request
+        return creator
+
+    assert_each_request_keeps_its_tasks(tasks, REQUESTS, (first_task, second_task), creator_of)
