@@ -90,3 +90,8 @@ class TaskRun:
         self.handed_off = 0.0
         self.worker_started = 0.0
         self.queue_duration: float | None = None
+
+    @property
+    def threadpool_wait(self) -> float | None:
+        """Seconds a sync task waited for a worker thread; ``None`` until it started on one."""
+        return self.worker_started - self.handed_off if self.worker_started else None

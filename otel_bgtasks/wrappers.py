@@ -138,7 +138,7 @@ class TaskWrappers:
         state = state_of(task)
         state.done = True
         names = state.names
-        execution = semconv.EXECUTION_ASYNC if task.is_async else semconv.EXECUTION_THREADPOOL
+        execution = _execution(task)
         start_ns = time_ns()
         queue_duration = None if state.enqueued_ns is None else (start_ns - state.enqueued_ns) / 1e9
         # All the start attributes in one dict: samplers see them, and the SDK takes them in one pass.
@@ -184,10 +184,11 @@ class TaskWrappers:
     def _end(self, run: TaskRun, exc: BaseException | None) -> None:
         # Three independent guards: a broken meter must not keep the span open, nor silence the failure.
         end_ns = time_ns()
+        duration = (end_ns - run.start_ns) / 1e9
         outcome, error = semconv.OUTCOME_ERROR, exc
         try:
             otel_context.detach(run.token)  # type: ignore[arg-type]
-            outcome, error = self._classify(run, exc, (end_ns - run.start_ns) / 1e9)
+            outcome, error = self._classify(run, exc, duration)
             if run.span.is_recording():
                 self._annotate(run, run.span, outcome, error)
         except Exception as internal:
@@ -195,7 +196,7 @@ class TaskWrappers:
         finally:
             run.span.end(end_ns)
         try:
-            self._record_metrics(run, outcome, error, (end_ns - run.start_ns) / 1e9)
+            self._record_metrics(run, outcome, error, duration)
             self._warn_if_blocking(run)
         except Exception as internal:
             internal_error(internal)
@@ -215,8 +216,8 @@ class TaskWrappers:
         task_metrics.ended(run.metric_key)
         task_metrics.duration.record(duration, self._attributes(run, outcome, error))
         task_metrics.count(run.names.function_name, run.execution, outcome)
-        if run.worker_started:
-            task_metrics.threadpool_wait.record(run.worker_started - run.handed_off, self._attributes(run, None, None))
+        if run.threadpool_wait is not None:
+            task_metrics.threadpool_wait.record(run.threadpool_wait, self._attributes(run, None, None))
 
     def _report_to_sentry(self, run: TaskRun, outcome: str, error: BaseException) -> None:
         assert self._sentry is not None
@@ -259,11 +260,10 @@ class TaskWrappers:
         attributes: dict[str, AttributeValue] = {semconv.OUTCOME: outcome}
         if run.timer is not None:
             attributes[semconv.BLOCKING_MAX] = run.timer.longest
-            threshold = self._options.blocking_threshold
-            if threshold is not None and run.timer.longest >= threshold:
+            if self._blocked(run):
                 span.add_event(semconv.EVENT_EVENT_LOOP_BLOCKED, {semconv.BLOCKING_MAX: run.timer.longest})
-        if run.worker_started:
-            attributes[semconv.THREADPOOL_WAIT] = run.worker_started - run.handed_off
+        if run.threadpool_wait is not None:
+            attributes[semconv.THREADPOOL_WAIT] = run.threadpool_wait
         if run.timeout is not None:
             attributes[semconv.TIMEOUT] = run.timeout
         if error is not None:
@@ -272,10 +272,15 @@ class TaskWrappers:
             span.set_status(Status(StatusCode.ERROR, str(error) or type(error).__qualname__))
         span.set_attributes(attributes)
 
-    def _warn_if_blocking(self, run: TaskRun) -> None:
+    def _blocked(self, run: TaskRun) -> bool:
+        """Whether the task held the event loop for ``blocking_threshold`` or more."""
         threshold = self._options.blocking_threshold
-        if run.timer is None or threshold is None or run.timer.longest < threshold:
+        return run.timer is not None and threshold is not None and run.timer.longest >= threshold
+
+    def _warn_if_blocking(self, run: TaskRun) -> None:
+        if not self._blocked(run):
             return
+        assert run.timer is not None
         name = run.names.function_name
         if name in self._warned_blocking:  # once per function: the span event shows every occurrence
             return
@@ -367,7 +372,7 @@ class TaskWrappers:
                     continue
                 state.done = True
                 names = state.names
-                execution = semconv.EXECUTION_ASYNC if task.is_async else semconv.EXECUTION_THREADPOOL
+                execution = _execution(task)
                 attributes: dict[str, AttributeValue] = {
                     **names.attributes,
                     semconv.OUTCOME: semconv.OUTCOME_SKIPPED,
@@ -411,6 +416,10 @@ async def _run_all(tasks: list[Any]) -> None:
             await task()
 
 
+def _execution(task: Any) -> str:
+    return semconv.EXECUTION_ASYNC if task.is_async else semconv.EXECUTION_THREADPOOL
+
+
 def _link_to(creating: Context) -> list[Link] | None:
     creator = trace.get_current_span(creating).get_span_context()
     return [Link(creator)] if creator.is_valid else None
@@ -430,19 +439,17 @@ def _link_back(creator: Span, task_span: Span) -> None:
 def _log_failure(run: TaskRun, outcome: str, error: BaseException) -> None:
     """One ERROR record per failed task, so failures show up even with no tracing backend."""
     span_context = run.span.get_span_context()
+    trace_id = trace.format_trace_id(span_context.trace_id)
+    span_id = trace.format_span_id(span_context.span_id)
     _logger.error(
         "Background task %s failed (%s): %s [trace_id=%s span_id=%s]",
         run.names.function_name,
         outcome,
         error_type(error),
-        trace.format_trace_id(span_context.trace_id),
-        trace.format_span_id(span_context.span_id),
+        trace_id,
+        span_id,
         exc_info=error,
-        extra={
-            "otelTraceID": trace.format_trace_id(span_context.trace_id),
-            "otelSpanID": trace.format_span_id(span_context.span_id),
-            "background_task": run.names.function_name,
-        },
+        extra={"otelTraceID": trace_id, "otelSpanID": span_id, "background_task": run.names.function_name},
     )
 
 
