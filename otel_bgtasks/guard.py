@@ -1,8 +1,8 @@
 """Keep otel_bgtasks' own failures away from the user's tasks.
 
-Everything otel_bgtasks does around a task runs under :func:`internal_error` or inside
-:class:`capture_internal_exceptions`. A failure there is logged once per place it happens (a broken
-exporter would otherwise log on every task), and the task runs exactly as it would uninstrumented.
+Everything otel_bgtasks does around a task runs inside ``with capture_internal_exceptions():`` (or, where
+a value must come back, under :func:`internal_error`). A failure there is logged once per place it happens
+(a broken exporter would otherwise log on every task), and the task runs exactly as it would uninstrumented.
 """
 
 from __future__ import annotations
@@ -36,8 +36,11 @@ def internal_error(exc: BaseException) -> None:
         pass  # logging itself failed: nothing safer is left to do
 
 
-class capture_internal_exceptions:  # named like a function, as in sentry-sdk: it is used like one
-    """Context manager: swallow and report an ``Exception`` raised inside otel_bgtasks."""
+class _Guard:
+    """Context manager: swallow and report an ``Exception`` raised inside otel_bgtasks.
+
+    Cancellation and other ``BaseException`` s pass: they belong to the task, not to us.
+    """
 
     __slots__ = ()
 
@@ -47,7 +50,15 @@ class capture_internal_exceptions:  # named like a function, as in sentry-sdk: i
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool:
-        if exc is not None and isinstance(exc, Exception):
+        if isinstance(exc, Exception):
             internal_error(exc)
             return True
         return False
+
+
+_GUARD = _Guard()  # stateless: one instance serves every ``with``
+
+
+def capture_internal_exceptions() -> _Guard:
+    """Return the one shared guard; named as in sentry-sdk, where it is used the same way."""
+    return _GUARD

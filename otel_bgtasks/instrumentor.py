@@ -16,7 +16,8 @@ from wrapt import register_post_import_hook, wrap_function_wrapper
 from otel_bgtasks.arguments import ArgumentCapture
 from otel_bgtasks.config import resolve
 from otel_bgtasks.guard import internal_error
-from otel_bgtasks.metrics import TaskMetrics
+from otel_bgtasks.listeners import add_listener, remove_listener
+from otel_bgtasks.metrics import task_metrics
 from otel_bgtasks.package import _instruments  # pyright: ignore[reportPrivateUsage]
 from otel_bgtasks.peers import CONTRIB, ContribFastAPI, contrib_original_call
 from otel_bgtasks.sentry import SentryForwarder, sentry_installed
@@ -83,6 +84,7 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
     _fastapi_tasks: type | None = None  # fastapi.background.BackgroundTasks, once its __call__ is wrapped
     _contrib: ContribFastAPI | None = None
     _wrappers: TaskWrappers | None = None
+    _sentry: SentryForwarder | None = None
 
     def instrumentation_dependencies(self) -> Collection[str]:
         """The Starlette range ``opentelemetry-instrument`` checks before loading us."""
@@ -109,10 +111,10 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
         arguments = (
             ArgumentCapture(options.capture_args_max_length, options.redact_keys) if options.capture_args else None
         )
-        sentry = None
         if options.sentry is True or (options.sentry == "auto" and sentry_installed()):
-            sentry = SentryForwarder(options.sentry, arguments)
-        wrappers = TaskWrappers(tracer, TaskMetrics(meter_provider), options, arguments, sentry)
+            self._sentry = SentryForwarder(options.sentry, arguments)
+            add_listener(self._sentry)
+        wrappers = TaskWrappers(tracer, task_metrics(meter_provider), options, arguments)
         wrappers.bypass_call = contrib_original_call()
         self._wrappers = wrappers
         self._contrib = ContribFastAPI(wrappers)
@@ -153,3 +155,6 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
         if self._wrappers is not None:
             self._wrappers.retired = True
             self._wrappers = None
+        if self._sentry is not None:
+            remove_listener(self._sentry)
+            self._sentry = None

@@ -1,14 +1,16 @@
 """The ``otel_bgtasks`` meter: how many tasks run, how long they take and wait, how they end.
 
 Cost decides the shape. One histogram record costs about half an SDK span, so only durations are
-histograms. The active count and the per-outcome count are observable instruments that read plain
-counters once per collection: a task pays a dictionary update, not an SDK call.
+histograms. The active count, the per-outcome count and the blocked count are observable instruments
+that read plain counters once per collection: a task pays a dictionary update, not an SDK call.
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Iterable
-from typing import Final
+from typing import Final, TypeVar
 
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
@@ -21,6 +23,23 @@ METER_NAME: Final = "otel_bgtasks"
 
 _Key = tuple[str, str]  # (code.function.name, background_task.execution)
 _OutcomeKey = tuple[str, str, str]  # ... and background_task.outcome
+_K = TypeVar("_K", _Key, _OutcomeKey)
+
+# One TaskMetrics per meter provider, for the life of the provider: the SDK hands back the instruments it
+# already has for a name, so the observable ones keep calling the first TaskMetrics' callbacks. Reusing it
+# across uninstrument()/instrument() keeps their counts live.
+_by_provider: weakref.WeakKeyDictionary[MeterProvider, TaskMetrics] = weakref.WeakKeyDictionary()
+_by_provider_lock = threading.Lock()
+
+
+def task_metrics(meter_provider: MeterProvider | None) -> TaskMetrics:
+    """The instruments for ``meter_provider`` (the global one if ``None``), created on first use."""
+    provider = meter_provider if meter_provider is not None else metrics.get_meter_provider()
+    with _by_provider_lock:
+        found = _by_provider.get(provider)
+        if found is None:
+            found = _by_provider[provider] = TaskMetrics(provider)
+        return found
 
 
 class TaskMetrics:
@@ -41,8 +60,11 @@ class TaskMetrics:
             unit="s",
             description="Time a sync background task waited for a worker thread.",
         )
+        # Event loops in several threads may update the same counter: a lock keeps each update whole.
+        self._lock = threading.Lock()
         self._active: dict[_Key, int] = {}
         self._outcomes: dict[_OutcomeKey, int] = {}
+        self._blocked: dict[_Key, int] = {}
         meter.create_observable_up_down_counter(
             semconv.METRIC_ACTIVE,
             callbacks=[self._observe_active],
@@ -55,30 +77,57 @@ class TaskMetrics:
             unit="{task}",
             description="Background tasks by outcome, skipped and dropped ones included.",
         )
+        meter.create_observable_counter(
+            semconv.METRIC_BLOCKED,
+            callbacks=[self._observe_blocked],
+            unit="{task}",
+            description="Async background tasks that held the event loop for blocking_threshold or more.",
+        )
 
-    # Called on the event loop for every task; the GIL makes each update whole.
-    def started(self, key: _Key) -> None:
+    def started(self, function_name: str, execution: str) -> None:
         """Count a task as active."""
-        self._active[key] = self._active.get(key, 0) + 1
+        key = (function_name, execution)
+        with self._lock:
+            self._active[key] = self._active.get(key, 0) + 1
 
-    def ended(self, key: _Key) -> None:
+    def ended(self, function_name: str, execution: str) -> None:
         """Count a task as no longer active."""
-        self._active[key] -= 1
+        key = (function_name, execution)
+        with self._lock:
+            self._active[key] = self._active.get(key, 0) - 1
 
     def count(self, function_name: str, execution: str, outcome: str) -> None:
         """Count one task that ended with ``outcome``."""
         key = (function_name, execution, outcome)
-        self._outcomes[key] = self._outcomes.get(key, 0) + 1
+        with self._lock:
+            self._outcomes[key] = self._outcomes.get(key, 0) + 1
+
+    def blocked(self, function_name: str, execution: str) -> None:
+        """Count one task that held the event loop past the threshold."""
+        key = (function_name, execution)
+        with self._lock:
+            self._blocked[key] = self._blocked.get(key, 0) + 1
 
     def _observe_active(self, options: CallbackOptions) -> Iterable[Observation]:
-        for (function_name, execution), value in self._active.copy().items():
-            yield Observation(value, {semconv.CODE_FUNCTION_NAME: function_name, semconv.EXECUTION: execution})
+        return _observations(self._snapshot(self._active))
+
+    def _observe_blocked(self, options: CallbackOptions) -> Iterable[Observation]:
+        return _observations(self._snapshot(self._blocked))
 
     def _observe_outcomes(self, options: CallbackOptions) -> Iterable[Observation]:
-        for (function_name, execution, outcome), value in self._outcomes.copy().items():
+        for (function_name, execution, outcome), value in self._snapshot(self._outcomes).items():
             attributes: dict[str, AttributeValue] = {
                 semconv.CODE_FUNCTION_NAME: function_name,
                 semconv.EXECUTION: execution,
                 semconv.OUTCOME: outcome,
             }
             yield Observation(value, attributes)
+
+    def _snapshot(self, counts: dict[_K, int]) -> dict[_K, int]:
+        with self._lock:
+            return counts.copy()
+
+
+def _observations(counts: dict[_Key, int]) -> Iterable[Observation]:
+    for (function_name, execution), value in counts.items():
+        yield Observation(value, {semconv.CODE_FUNCTION_NAME: function_name, semconv.EXECUTION: execution})

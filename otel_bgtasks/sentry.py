@@ -14,43 +14,24 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from contextlib import suppress
 from typing import Any, Final, Literal
 
 from opentelemetry import trace
 from opentelemetry.trace import Span
 
 from otel_bgtasks.arguments import ArgumentCapture
+from otel_bgtasks.listeners import TaskListener
+from otel_bgtasks.task_state import TaskRun
 
 MECHANISM: Final = "otel_bgtasks"
 _OURS: Final = "otel_bgtasks_event"  # hint key marking the events we capture ourselves
-
-# Exceptions already forwarded (or about to be): any other Sentry event about them is a duplicate. The
-# other events come right after ours (the log record, the ASGI integration as the exception propagates),
-# so the last few are enough; a deque because builtin exceptions cannot be weakly referenced.
-_forwarded: deque[BaseException] = deque(maxlen=64)
+# Set on an exception we forwarded: any other Sentry event about it (our own log record, the ASGI
+# integration's as the exception propagates) is a duplicate. Kept on the exception itself, so that it
+# goes when the exception goes: nothing here holds a failed task's exception or its frames.
+_FORWARDED: Final = "__otel_bgtasks_forwarded__"
 _processor_added = False
-
-
-@dataclass
-class TaskFailure:
-    """What Sentry is told about one failed task."""
-
-    error: BaseException
-    qualname: str
-    function_name: str
-    execution: str
-    outcome: str
-    span: Span
-    creating_span: Span
-    queue_duration: float | None
-    index: int | None
-    func: Any
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    skipped: list[str] = field(default_factory=list[str])
 
 
 def sentry_installed() -> bool:
@@ -58,33 +39,29 @@ def sentry_installed() -> bool:
     return importlib.util.find_spec("sentry_sdk") is not None
 
 
-class SentryForwarder:
-    """Sends :class:`TaskFailure` s to the Sentry client the application initialised."""
+class SentryForwarder(TaskListener):
+    """Sends each failed task to the Sentry client the application initialised, as one event."""
 
-    def __init__(self, mode: bool | Literal["auto"], arguments: ArgumentCapture | None) -> None:
-        if mode is True and not sentry_installed():
+    def __init__(self, sentry: bool | Literal["auto"], arguments: ArgumentCapture | None) -> None:
+        if sentry is True and not sentry_installed():
             raise ImportError(
                 "otel_bgtasks was asked to forward failures to Sentry (sentry=True) but sentry-sdk is not "
                 "installed: pip install 'otel_bgtasks[sentry]', or pass sentry='auto' or False."
             )
-        self._auto = mode == "auto"
+        self._auto = sentry == "auto"
         self._arguments = arguments
 
-    def wanted(self) -> bool:
-        """In "auto" mode only an application that imported sentry_sdk (to call ``init``) uses Sentry.
+    def task_ended(self, run: TaskRun) -> None:
+        """Forward ``run`` if it failed.
 
-        Importing it ourselves on the first failure would stall the event loop for ~0.2 s for nothing.
+        In "auto" mode only an application that imported sentry_sdk (to call ``init``) uses Sentry:
+        importing it ourselves on the first failure would stall the event loop for ~0.2 s for nothing.
         """
-        return not self._auto or "sentry_sdk" in sys.modules
+        if run.error is not None and (not self._auto or "sentry_sdk" in sys.modules):
+            self.forward(run, run.error)
 
-    @staticmethod
-    def claim(error: BaseException) -> None:
-        """Mark ``error`` as ours before anything (our own log record included) reports it to Sentry."""
-        _add_processor_once()
-        _forwarded.append(error)
-
-    def forward(self, failure: TaskFailure) -> None:
-        """Capture one event for ``failure``, if a Sentry client is active."""
+    def forward(self, run: TaskRun, error: BaseException) -> None:
+        """Capture one event for ``run``'s ``error``, if a Sentry client is active."""
         import sentry_sdk
         from sentry_sdk.integrations.dedupe import DedupeIntegration
         from sentry_sdk.utils import event_from_exception
@@ -92,32 +69,35 @@ class SentryForwarder:
         client = sentry_sdk.get_client()
         if not client.is_active():
             return
+        _add_processor_once()
+        _mark_forwarded(error)  # before our own log record reaches Sentry's logging integration
         event, hint = event_from_exception(
-            failure.error, client_options=client.options, mechanism={"type": MECHANISM, "handled": False}
+            error, client_options=client.options, mechanism={"type": MECHANISM, "handled": False}
         )
         hint[_OURS] = True
         send_arguments = self._arguments is not None and client.should_send_default_pii()
         # Frame locals hold the task's arguments, unredacted (run_in_threadpool's *args among them):
         # arguments reach Sentry only through the redacted context below.
         _drop_frame_variables(event)
-        span_context = failure.span.get_span_context()
+        span_context = run.span.get_span_context()
         route = (
-            _route(failure.creating_span)
+            _route(trace.get_current_span(run.state.context))
             or _sentry_route(sentry_sdk.Scope.get_current_scope())  # module-level shortcuts: sentry-sdk >= 2.2
             or _sentry_route(sentry_sdk.Scope.get_isolation_scope())
         )
+        qualname = run.names.qualname
         # Named in the event itself: Sentry's request integrations only fill in a name that is missing.
-        event["transaction"] = f"BackgroundTask {failure.qualname}"
+        event["transaction"] = f"BackgroundTask {qualname}"
         event["transaction_info"] = {"source": "component"}  # named after a function; kept by every version
         with sentry_sdk.new_scope() as scope:
-            scope.set_tag("background_task", failure.qualname)
-            scope.set_tag("background_task.outcome", failure.outcome)
+            scope.set_tag("background_task", qualname)
+            scope.set_tag("background_task.outcome", run.outcome)
             scope.set_tag("otel.trace_id", trace.format_trace_id(span_context.trace_id))
             scope.set_tag("otel.span_id", trace.format_span_id(span_context.span_id))
             if route is not None:
                 scope.set_tag("http.route", route)
-            scope.set_context("background_task", self._context(failure, send_arguments))
-            for name in failure.skipped:
+            scope.set_context("background_task", self._context(run, send_arguments))
+            for name in run.skipped:
                 scope.add_breadcrumb(
                     category="background_task",
                     message=f"Skipped {name}: an earlier task in the same BackgroundTasks failed",
@@ -127,18 +107,24 @@ class SentryForwarder:
             _forget_last_seen(client, DedupeIntegration)  # our log record may have been "seen" first
             scope.capture_event(event, hint)
 
-    def _context(self, failure: TaskFailure, send_arguments: bool) -> dict[str, Any]:
+    def _context(self, run: TaskRun, send_arguments: bool) -> dict[str, Any]:
         context: dict[str, Any] = {
-            "function": failure.function_name,
-            "execution": failure.execution,
-            "outcome": failure.outcome,
-            "queue_delay": failure.queue_duration,
+            "function": run.names.function_name,
+            "execution": run.execution,
+            "outcome": run.outcome,
+            "queue_delay": run.queue_duration,
         }
-        if failure.index is not None:
-            context["index"] = failure.index
+        if run.state.index is not None:
+            context["index"] = run.state.index
         if send_arguments and self._arguments is not None:
-            context["args"], context["kwargs"] = self._arguments.render(failure.func, failure.args, failure.kwargs)
+            task = run.task
+            context["args"], context["kwargs"] = self._arguments.render(task.func, task.args, task.kwargs)
         return context
+
+
+def _mark_forwarded(error: BaseException) -> None:
+    with suppress(Exception):  # an exception type that refuses attributes: its duplicates go through
+        setattr(error, _FORWARDED, True)
 
 
 def _forget_last_seen(client: Any, dedupe: Any) -> None:
@@ -182,7 +168,7 @@ def _is_duplicate(event: dict[str, Any], hint: dict[str, Any]) -> bool:
     error: BaseException | None = exc_info[1] if exc_info else None
     seen: set[int] = set()
     while error is not None and id(error) not in seen:  # Starlette wraps ours: "... from exc"
-        if any(error is forwarded for forwarded in _forwarded):
+        if getattr(error, _FORWARDED, False) is True:
             return True
         seen.add(id(error))
         error = error.__cause__ or error.__context__

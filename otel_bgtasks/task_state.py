@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import suppress
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import anyio
 from opentelemetry import context as otel_context
@@ -18,30 +18,29 @@ from opentelemetry.trace import Span
 from otel_bgtasks.blocking import LoopHoldTimer
 from otel_bgtasks.naming import FunctionNames, describe
 
-if TYPE_CHECKING:
-    from otel_bgtasks.sentry import TaskFailure
-
 STATE_ATTRIBUTE: Final = "_otel_bgtasks_state"
 
 
 class TaskState:
     """What a task carries from its creation to its run."""
 
-    __slots__ = ("context", "done", "enqueued_ns", "failure", "index", "names", "on_drop", "site")
+    __slots__ = ("context", "enqueued_ns", "index", "names", "on_drop", "pending_report", "ran", "settled", "site")
 
     def __init__(self, context: Context, enqueued_ns: int | None, names: FunctionNames) -> None:
         self.context = context
         self.enqueued_ns = enqueued_ns
         self.names = names
         self.index: int | None = None
-        self.done = False  # ran, or was shown as skipped
+        self.settled = False  # its fate is told: it started, was shown as skipped, or could never run
+        self.ran = False  # our __call__ wrapper started it (a subclass's own __call__ may bypass it)
         self.site: str | None = None
         self.on_drop: Callable[[TaskState], None] | None = None
-        self.failure: TaskFailure | None = None  # for Sentry, once the skipped tasks are known
+        # A failed run whose report waits for its BackgroundTasks to say which tasks it left unrun.
+        self.pending_report: TaskRun | None = None
 
     def __del__(self) -> None:
         # The task object is gone: if it never ran, nobody else will ever say so.
-        if not self.done and self.on_drop is not None:
+        if not self.settled and self.on_drop is not None:
             with suppress(Exception):  # at interpreter exit logging may be gone: nothing safer is left to do
                 self.on_drop(self)
 
@@ -56,42 +55,54 @@ def state_of(task: Any) -> TaskState:
 
 
 class TaskRun:
-    """One execution of one task, from its span's start to its end."""
+    """One execution of one task, from its span's start to its end, and what it came to."""
 
     __slots__ = (
+        "error",
         "execution",
         "handed_off",
-        "metric_key",
         "names",
+        "outcome",
         "queue_duration",
         "scope",
+        "skipped",
         "span",
         "start_ns",
         "state",
         "task",
+        "thread_finished",
+        "thread_started",
         "timeout",
         "timer",
         "token",
-        "worker_started",
     )
 
     def __init__(self, task: Any, state: TaskState, execution: str, span: Span, start_ns: int) -> None:
         self.task = task
         self.state = state
-        self.names = names = state.names
+        self.names = state.names
         self.execution = execution
         self.span = span
         self.start_ns = start_ns
-        self.metric_key = (names.function_name, execution)
         self.token: object = None
         self.timeout: float | None = None
         self.timer: LoopHoldTimer | None = None
         self.scope: anyio.CancelScope | None = None
+        # perf_counter() readings around a sync task's trip through the thread pool; 0.0 until reached.
         self.handed_off = 0.0
-        self.worker_started = 0.0
+        self.thread_started = 0.0
+        self.thread_finished = 0.0
         self.queue_duration: float | None = None
+        self.outcome = ""  # set when the run ends
+        self.error: BaseException | None = None  # the failure to report; cleared once reported
+        self.skipped: list[str] = []  # tasks of the same BackgroundTasks left unrun because this one failed
 
     @property
     def threadpool_wait(self) -> float | None:
         """Seconds a sync task waited for a worker thread; ``None`` until it started on one."""
-        return self.worker_started - self.handed_off if self.worker_started else None
+        return self.thread_started - self.handed_off if self.thread_started else None
+
+    @property
+    def thread_seconds(self) -> float | None:
+        """Seconds a sync task ran on its worker thread; ``None`` unless it got there and returned or raised."""
+        return self.thread_finished - self.thread_started if self.thread_finished else None

@@ -3,14 +3,15 @@
 Every background task runs through :meth:`TaskWrappers.init_task` (when it is created, in the
 request) and :meth:`TaskWrappers.call_task` (when it runs, after the response). The task's own
 call, return value and exception pass through untouched; all the telemetry work around it is guarded
-so that a failure here leaves the task running as if uninstrumented.
+so that a failure here leaves the task running as if uninstrumented. What happened is told to the
+listeners (listeners.py) and logged; this module knows nothing of who listens.
 """
 
 from __future__ import annotations
 
 import logging
+import traceback
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from contextlib import suppress
 from functools import partial
 from time import perf_counter, time_ns
 from typing import Any, Final
@@ -22,15 +23,14 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
-from otel_bgtasks import semconv
+from otel_bgtasks import listeners, semconv
 from otel_bgtasks.arguments import ArgumentCapture
 from otel_bgtasks.blocking import LoopHoldTimer
 from otel_bgtasks.config import Options
-from otel_bgtasks.guard import internal_error
+from otel_bgtasks.guard import capture_internal_exceptions, internal_error
 from otel_bgtasks.metrics import TaskMetrics
 from otel_bgtasks.mistakes import creation_site, discard, invalid_task_problem, report_dropped
 from otel_bgtasks.naming import describe, error_type
-from otel_bgtasks.sentry import SentryForwarder, TaskFailure
 from otel_bgtasks.task_state import STATE_ATTRIBUTE, TaskRun, TaskState, state_of
 
 _logger = logging.getLogger("otel_bgtasks")
@@ -51,13 +51,11 @@ class TaskWrappers:
         task_metrics: TaskMetrics,
         options: Options,
         arguments: ArgumentCapture | None = None,
-        sentry: SentryForwarder | None = None,
     ) -> None:
         self._tracer = tracer
         self._metrics = task_metrics
         self._options = options
         self._arguments = arguments  # None unless the user opted in with capture_args=True
-        self._sentry = sentry
         self._link_mode = options.mode == "link"
         # opentelemetry-instrumentation-fastapi, when it patched BackgroundTask.__call__ before us, would
         # open a second, bare span inside ours: call the original it wraps instead (see peers.py).
@@ -75,10 +73,8 @@ class TaskWrappers:
         """``BackgroundTask.__init__``: remember the creating context, and say so on the creating span."""
         wrapped(*args, **kwargs)
         problem = None
-        try:
+        with capture_internal_exceptions():
             problem = self._remember_creation(instance)
-        except Exception as exc:
-            internal_error(exc)
         if problem is not None and self._options.strict:
             raise TypeError(problem)
 
@@ -87,13 +83,14 @@ class TaskWrappers:
         func = task.func
         state = TaskState(current, time_ns(), describe(func))
         state.site = creation_site()
-        state.on_drop = self._dropped
+        if not _overrides_call(type(task)):  # pyright: ignore[reportUnknownArgumentType]  # a subclass's own __call__ may run it without us seeing
+            state.on_drop = self._dropped
         setattr(task, STATE_ATTRIBUTE, state)
         creator = trace.get_current_span(current)
         problem = invalid_task_problem(func)
         if problem is not None:
             discard(func)
-            state.done = True  # already reported, and it could never run
+            state.settled = True  # already reported, and it could never run
             if not self._options.strict:
                 _logger.error("%s (at %s)", problem, state.site)
             if creator.is_recording():
@@ -108,16 +105,19 @@ class TaskWrappers:
         execution = semconv.EXECUTION_THREADPOOL  # unknown for a task never run; sync is Starlette's default
         self._metrics.count(state.names.function_name, execution, semconv.OUTCOME_DROPPED)
         report_dropped(state.names.function_name, state.site)
+        for listener in listeners.active:
+            with capture_internal_exceptions():
+                listener.task_dropped(state)
 
     # -- execution --------------------------------------------------------------------------------
 
     async def call_task(self, wrapped: _Wrapped, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """``BackgroundTask.__call__``: run the task inside its span."""
         call = wrapped if self.bypass_call is None else partial(self.bypass_call, instance)
-        try:
+        run = None
+        with capture_internal_exceptions():
             run = self._start(instance)
-        except Exception as exc:
-            internal_error(exc)
+        if run is None:
             return await call(*args, **kwargs)
         try:
             awaitable: Awaitable[Any] = call(*args, **kwargs)
@@ -130,16 +130,18 @@ class TaskWrappers:
                 result = await awaitable
         except BaseException as exc:
             self._end(run, exc)
+            self._report_or_park(run, exc)
             raise
         self._end(run, None)
+        self._report(run)
         return result
 
-    def _start(self, task: Any) -> TaskRun:
+    def _start(self, task: Any, start_ns: int | None = None) -> TaskRun:
         state = state_of(task)
-        state.done = True
+        state.settled = state.ran = True
         names = state.names
         execution = _execution(task)
-        start_ns = time_ns()
+        start_ns = time_ns() if start_ns is None else start_ns
         queue_duration = None if state.enqueued_ns is None else (start_ns - state.enqueued_ns) / 1e9
         # All the start attributes in one dict: samplers see them, and the SDK takes them in one pass.
         attributes: dict[str, AttributeValue] = {**names.attributes, semconv.EXECUTION: execution}
@@ -150,23 +152,24 @@ class TaskWrappers:
         creating = state.context
         span = self._start_span(names.span_name, creating, attributes, start_ns)
         run = TaskRun(task, state, execution, span, start_ns)
-        run.timeout = names.timeout_or(self._options.timeout)
-        run.queue_duration = queue_duration
-        if span.is_recording():
-            if self._arguments is not None:
-                args, kwargs = self._arguments.render(task.func, task.args, task.kwargs)
-                span.set_attributes({semconv.ARGS: args, semconv.KWARGS: kwargs})
-            if self._link_mode:
-                _link_back(trace.get_current_span(creating), span)
-        try:  # a broken meter must not lose the span
-            self._metrics.started(run.metric_key)
+        # From here on the span exists: whatever fails, the run is returned so that the span is ended.
+        with capture_internal_exceptions():
+            run.timeout = names.timeout_or(self._options.timeout)
+            run.queue_duration = queue_duration
+            if span.is_recording():
+                if self._link_mode:
+                    _link_back(trace.get_current_span(creating), span)
+                if self._arguments is not None:
+                    args, kwargs = self._arguments.render(task.func, task.args, task.kwargs)
+                    span.set_attributes({semconv.ARGS: args, semconv.KWARGS: kwargs})
+        with capture_internal_exceptions():  # a broken meter must not lose the span
+            self._metrics.started(run.names.function_name, execution)
             if queue_duration is not None:
                 self._metrics.queue_duration.record(queue_duration, self._attributes(run, None, None))
-        except Exception as exc:
-            internal_error(exc)
-        run.token = otel_context.attach(
-            otel_context.set_value(_RUN_KEY, run, trace.set_span_in_context(span, creating))
-        )
+        with capture_internal_exceptions():
+            run.token = otel_context.attach(
+                otel_context.set_value(_RUN_KEY, run, trace.set_span_in_context(span, creating))
+            )
         return run
 
     def _start_span(self, name: str, creating: Context, attributes: dict[str, AttributeValue], start_ns: int) -> Span:
@@ -182,73 +185,64 @@ class TaskWrappers:
             return trace.INVALID_SPAN
 
     def _end(self, run: TaskRun, exc: BaseException | None) -> None:
-        # Three independent guards: a broken meter must not keep the span open, nor silence the failure.
+        # Independent guards: a broken meter must not keep the span open, nor silence the failure.
         end_ns = time_ns()
         duration = (end_ns - run.start_ns) / 1e9
-        outcome, error = semconv.OUTCOME_ERROR, exc
-        try:
-            otel_context.detach(run.token)  # type: ignore[arg-type]
-            outcome, error = self._classify(run, exc, duration)
+        run.outcome, run.error = semconv.OUTCOME_ERROR, exc
+        with capture_internal_exceptions():
+            if run.token is not None:
+                otel_context.detach(run.token)  # type: ignore[arg-type]
+                run.token = None  # the context holds the run: let both go as soon as the task does
+        with capture_internal_exceptions():
+            run.outcome, run.error = self._classify(run, exc, duration)
             if run.span.is_recording():
-                self._annotate(run, run.span, outcome, error)
-        except Exception as internal:
-            internal_error(internal)
-        finally:
+                self._annotate(run, end_ns)
+        with capture_internal_exceptions():
             run.span.end(end_ns)
-        try:
-            self._record_metrics(run, outcome, error, duration)
+        with capture_internal_exceptions():
+            self._record_metrics(run, duration)
             self._warn_if_blocking(run)
-        except Exception as internal:
-            internal_error(internal)
-        if error is not None:
-            if self._sentry is not None and self._sentry.wanted():
-                try:
-                    self._report_to_sentry(run, outcome, error)  # first: it tells Sentry our log record is a copy
-                except Exception as internal:
-                    internal_error(internal)
-            try:
-                _log_failure(run, outcome, error)
-            except Exception as internal:
-                internal_error(internal)
 
-    def _record_metrics(self, run: TaskRun, outcome: str, error: BaseException | None, duration: float) -> None:
+    def _report_or_park(self, run: TaskRun, exc: BaseException) -> None:
+        """A task that raised out of a ``BackgroundTasks`` is reported by call_tasks, with the tasks it left unrun."""
+        if run.state.index is not None and not self._options.continue_on_error:
+            run.state.pending_report = run
+        else:
+            self._report(run)
+
+    def _report(self, run: TaskRun) -> None:
+        """Tell the listeners first (Sentry marks the exception as its own), then log a failure."""
+        for listener in listeners.active:
+            with capture_internal_exceptions():
+                listener.task_ended(run)
+        if run.error is not None:
+            with capture_internal_exceptions():
+                _log_failure(run, run.error)
+            run.error = None  # its traceback holds frames that hold the run: break the cycle now
+
+    def _record_metrics(self, run: TaskRun, duration: float) -> None:
         task_metrics = self._metrics
-        task_metrics.ended(run.metric_key)
-        task_metrics.duration.record(duration, self._attributes(run, outcome, error))
-        task_metrics.count(run.names.function_name, run.execution, outcome)
+        task_metrics.ended(run.names.function_name, run.execution)
+        task_metrics.duration.record(duration, self._attributes(run, run.outcome, run.error))
+        task_metrics.count(run.names.function_name, run.execution, run.outcome)
         if run.threadpool_wait is not None:
             task_metrics.threadpool_wait.record(run.threadpool_wait, self._attributes(run, None, None))
-
-    def _report_to_sentry(self, run: TaskRun, outcome: str, error: BaseException) -> None:
-        assert self._sentry is not None
-        self._sentry.claim(error)
-        task = run.task
-        failure = TaskFailure(
-            error=error,
-            qualname=run.names.qualname,
-            function_name=run.names.function_name,
-            execution=run.execution,
-            outcome=outcome,
-            span=run.span,
-            creating_span=trace.get_current_span(run.state.context),
-            queue_duration=run.queue_duration,
-            index=run.state.index,
-            func=task.func,
-            args=task.args,
-            kwargs=task.kwargs,
-        )
-        if run.state.index is not None and not self._options.continue_on_error:
-            run.state.failure = failure  # call_tasks forwards it, once it knows what was skipped
-        else:
-            self._sentry.forward(failure)
 
     def _classify(self, run: TaskRun, exc: BaseException | None, duration: float) -> tuple[str, BaseException | None]:
         """The outcome, and the error to report (``None`` for success and cancellation)."""
         if exc is None:
-            if run.timeout is not None and duration > run.timeout:  # a sync task cannot be stopped
-                return semconv.OUTCOME_TIMEOUT, TimeoutError(
-                    f"ran {duration:.3f} s, over its {run.timeout:g} s timeout (a sync task cannot be cancelled)"
+            if run.timeout is None:
+                return semconv.OUTCOME_SUCCESS, None
+            # A sync task's time is its time on the worker thread: waiting for one is not running.
+            ran = run.thread_seconds if run.execution is semconv.EXECUTION_THREADPOOL else duration
+            if ran is not None and ran > run.timeout:
+                why = (
+                    "a sync task cannot be cancelled"
+                    if run.execution is semconv.EXECUTION_THREADPOOL
+                    else "it did not yield to the event loop, so it could not be cancelled"
                 )
+                message = f"ran {ran:.3f} s, over its {run.timeout:g} s timeout ({why})"
+                return semconv.OUTCOME_TIMEOUT, TimeoutError(message)
             return semconv.OUTCOME_SUCCESS, None
         if run.scope is not None and run.scope.cancel_called and isinstance(exc, TimeoutError):
             return semconv.OUTCOME_TIMEOUT, exc
@@ -256,20 +250,24 @@ class TaskWrappers:
             return semconv.OUTCOME_CANCELLED, None
         return semconv.OUTCOME_ERROR, exc
 
-    def _annotate(self, run: TaskRun, span: Span, outcome: str, error: BaseException | None) -> None:
-        attributes: dict[str, AttributeValue] = {semconv.OUTCOME: outcome}
+    def _annotate(self, run: TaskRun, end_ns: int) -> None:
+        """End attributes and events, stamped no later than the span's end."""
+        span = run.span
+        attributes: dict[str, AttributeValue] = {semconv.OUTCOME: run.outcome}
         if run.timer is not None:
             attributes[semconv.BLOCKING_MAX] = run.timer.longest
             if self._blocked(run):
-                span.add_event(semconv.EVENT_EVENT_LOOP_BLOCKED, {semconv.BLOCKING_MAX: run.timer.longest})
+                span.add_event(semconv.EVENT_EVENT_LOOP_BLOCKED, {semconv.BLOCKING_MAX: run.timer.longest}, end_ns)
         if run.threadpool_wait is not None:
             attributes[semconv.THREADPOOL_WAIT] = run.threadpool_wait
         if run.timeout is not None:
             attributes[semconv.TIMEOUT] = run.timeout
+        error = run.error
         if error is not None:
             attributes[semconv.ERROR_TYPE] = error_type(error)
-            span.record_exception(error)
-            span.set_status(Status(StatusCode.ERROR, str(error) or type(error).__qualname__))
+            message = _safe_str(error)
+            _record_exception(span, error, message, end_ns)
+            span.set_status(Status(StatusCode.ERROR, message or type(error).__qualname__))
         span.set_attributes(attributes)
 
     def _blocked(self, run: TaskRun) -> bool:
@@ -282,9 +280,11 @@ class TaskWrappers:
             return
         assert run.timer is not None
         name = run.names.function_name
+        self._metrics.blocked(name, run.execution)
         if name in self._warned_blocking:  # once per function: the span event shows every occurrence
             return
-        self._warned_blocking.add(name)
+        if len(self._warned_blocking) < 4096:
+            self._warned_blocking.add(name)
         _logger.warning(
             "Background task %s blocked the event loop for %.3f s without awaiting, stalling every request "
             "meanwhile. Make it a plain `def` (Starlette runs those in a thread pool) or use an async library "
@@ -316,15 +316,18 @@ class TaskWrappers:
 
     @staticmethod
     async def run_in_threadpool(wrapped: _Wrapped, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """``starlette.background.run_in_threadpool``: time the wait for a worker thread."""
+        """``starlette.background.run_in_threadpool``: time the wait for a worker thread, and the run on it."""
         run: TaskRun | None = otel_context.get_value(_RUN_KEY)  # type: ignore[assignment]
         if run is None or not args:
             return await wrapped(*args, **kwargs)
         func = args[0]
 
         def on_worker(*func_args: Any, **func_kwargs: Any) -> Any:
-            run.worker_started = perf_counter()
-            return func(*func_args, **func_kwargs)
+            run.thread_started = perf_counter()
+            try:
+                return func(*func_args, **func_kwargs)
+            finally:
+                run.thread_finished = perf_counter()
 
         run.handed_off = perf_counter()
         return await wrapped(on_worker, *args[1:], **kwargs)
@@ -332,45 +335,74 @@ class TaskWrappers:
     # -- BackgroundTasks: index, skipped tasks, continue_on_error ----------------------------------
 
     async def call_tasks(self, wrapped: _Wrapped, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """``BackgroundTasks.__call__``: number the tasks; after a failure, show the ones never run."""
-        tasks: list[Any] = []
+        """``BackgroundTasks.__call__``: Starlette's ``for task in self.tasks: await task()``, run here.
+
+        Iterating the live list as Starlette does lets a task add a follow-up task to its own
+        ``BackgroundTasks``; each task is numbered as it comes. After a failure or a cancellation, the
+        tasks left unrun get ``skipped`` spans.
+        """
+        tasks: list[Any] = instance.tasks
+        position, started_ns = 0, 0
         try:
-            tasks = list(instance.tasks)
-            for index, task in enumerate(tasks):
-                state_of(task).index = index
-        except Exception as exc:
-            internal_error(exc)
-        if self._options.continue_on_error:
-            return await _run_all(tasks)
-        try:
-            return await wrapped(*args, **kwargs)
-        except BaseException:
-            skipped = self._record_skipped(tasks)
-            if self._sentry is not None and self._sentry.wanted():
-                self._forward_pending(tasks, skipped)
+            for position, task in enumerate(tasks):
+                started_ns = time_ns()
+                with capture_internal_exceptions():
+                    if hasattr(task, "func"):  # not a BackgroundTasks appended to the list itself
+                        state_of(task).index = position
+                if not self._options.continue_on_error:
+                    await task()
+                    continue
+                try:
+                    await task()
+                except Exception as exc:  # cancellation, a BaseException, still stops the loop
+                    with capture_internal_exceptions():
+                        run = self._report_unseen_failure(task, exc, started_ns)
+                        if run is not None:
+                            self._report(run)
+        except BaseException as exc:
+            with capture_internal_exceptions():
+                self._after_failure(tasks, position, started_ns, exc)
             raise
 
-    def _forward_pending(self, tasks: list[Any], skipped: list[str]) -> None:
-        assert self._sentry is not None
-        try:
-            for task in _leaves(tasks):
-                state = state_of(task)
-                if state.failure is not None:
-                    failure, state.failure = state.failure, None
-                    failure.skipped = skipped
-                    self._sentry.forward(failure)
-        except Exception as exc:
-            internal_error(exc)
+    def _after_failure(self, tasks: list[Any], position: int, started_ns: int, exc: BaseException) -> None:
+        """Show the tasks ``exc`` left unrun, then report the failed task with them."""
+        cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
+        unrun = tasks[position + 1 :]
+        for index, task in enumerate(unrun, position + 1):  # numbered as if they had run
+            if hasattr(task, "func"):
+                state_of(task).index = index
+        skipped = self._record_skipped(unrun, cancelled)
+        failed = tasks[position] if position < len(tasks) else None
+        if failed is None or not hasattr(failed, "func"):
+            return
+        state = state_of(failed)
+        run, state.pending_report = state.pending_report, None
+        if run is None and not cancelled:
+            run = self._report_unseen_failure(failed, exc, started_ns)
+        if run is not None:
+            run.skipped = skipped
+            self._report(run)
 
-    def _record_skipped(self, tasks: Iterable[Any]) -> list[str]:
+    def _report_unseen_failure(self, task: Any, exc: BaseException, started_ns: int) -> TaskRun | None:
+        """A ``BackgroundTask`` subclass whose own ``__call__`` raised without reaching ours: record it.
+
+        Returns the ended run, to report; ``None`` if ours did run (it has reported already).
+        """
+        if not hasattr(task, "func") or state_of(task).ran:
+            return None
+        run = self._start(task, started_ns)
+        self._end(run, exc)
+        return run
+
+    def _record_skipped(self, tasks: Iterable[Any], cancelled: bool) -> list[str]:
         skipped: list[str] = []
-        try:
-            now = time_ns()
-            for task in _leaves(tasks):
+        now = time_ns()
+        for task in _leaves(tasks):
+            with capture_internal_exceptions():
                 state = state_of(task)
-                if state.done:
+                if state.settled:
                     continue
-                state.done = True
+                state.settled = True
                 names = state.names
                 execution = _execution(task)
                 attributes: dict[str, AttributeValue] = {
@@ -383,15 +415,25 @@ class TaskWrappers:
                 self._start_span(names.span_name, state.context, attributes, now).end(now)
                 self._metrics.count(names.function_name, execution, semconv.OUTCOME_SKIPPED)
                 skipped.append(names.function_name)
-            if skipped:
-                _logger.warning(
-                    "Skipped %d background task(s) because an earlier task in the same BackgroundTasks failed: %s. "
-                    "Pass continue_on_error=True to otel_bgtasks.instrument() to run them anyway.",
-                    len(skipped),
-                    ", ".join(skipped),
-                )
-        except Exception as exc:
-            internal_error(exc)
+                reason = "cancelled" if cancelled else "earlier_task_failed"
+                for listener in listeners.active:
+                    with capture_internal_exceptions():
+                        listener.task_skipped(state, reason)
+        if skipped and cancelled:
+            _logger.warning(
+                "Skipped %d background task(s) because their BackgroundTasks was cancelled before they ran "
+                "(the server shutting down, or the client's connection closing): %s.",
+                len(skipped),
+                ", ".join(skipped),
+            )
+        elif skipped:
+            _logger.warning(
+                "Skipped %d background task(s) because an earlier task in the same BackgroundTasks failed: %s. "
+                "To run them anyway, pass continue_on_error=True to otel_bgtasks.instrument(), or set "
+                "OTEL_PYTHON_BGTASKS_CONTINUE_ON_ERROR=true.",
+                len(skipped),
+                ", ".join(skipped),
+            )
         return skipped
 
     @staticmethod
@@ -409,11 +451,14 @@ class TaskWrappers:
         return await BackgroundTasks.__call__(instance, *args, **kwargs)
 
 
-async def _run_all(tasks: list[Any]) -> None:
-    """``continue_on_error``: run every task; each failure is already recorded and logged by its span."""
-    for task in tasks:
-        with suppress(Exception):  # cancellation, a BaseException, still stops the loop
-            await task()
+def _overrides_call(cls: type) -> bool:
+    """Whether a ``BackgroundTask`` subclass defines its own ``__call__`` (FastAPI's tests have one)."""
+    for klass in cls.__mro__:
+        if klass.__name__ == "BackgroundTask" and klass.__module__ == "starlette.background":
+            return False
+        if "__call__" in vars(klass):
+            return True
+    return False
 
 
 def _execution(task: Any) -> str:
@@ -436,28 +481,68 @@ def _link_back(creator: Span, task_span: Span) -> None:
         creator.add_link(task_span.get_span_context())
 
 
-def _log_failure(run: TaskRun, outcome: str, error: BaseException) -> None:
-    """One ERROR record per failed task, so failures show up even with no tracing backend."""
+def _safe_str(error: BaseException) -> str:
+    """``str(error)``, or a placeholder when the exception's own ``__str__`` raises."""
+    try:
+        return str(error)
+    except Exception:
+        return f"<{type(error).__qualname__}: str() failed>"
+
+
+def _record_exception(span: Span, error: BaseException, message: str, timestamp: int) -> None:
+    """The ``exception`` event, stamped at the span's end; by hand where the SDK's own ``str()`` would raise."""
+    try:
+        span.record_exception(error, timestamp=timestamp, escaped=True)
+    except Exception:
+        span.add_event(
+            "exception",
+            {
+                "exception.type": error_type(error),
+                "exception.message": message,
+                "exception.stacktrace": "".join(traceback.format_exception(type(error), error, error.__traceback__)),
+                "exception.escaped": "True",
+            },
+            timestamp,
+        )
+
+
+def _log_failure(run: TaskRun, error: BaseException) -> None:
+    """One ERROR record per failed task, so failures show up even with no tracing backend.
+
+    The record is made by hand so that its ``otelTraceID``/``otelSpanID`` are the task's, also where
+    OpenTelemetry's logging instrumentation already set them (to whatever span is current now): logging
+    refuses an ``extra=`` that overwrites a field, and would drop the whole record.
+    """
+    if not _logger.isEnabledFor(logging.ERROR):
+        return
     span_context = run.span.get_span_context()
     trace_id = trace.format_trace_id(span_context.trace_id)
     span_id = trace.format_span_id(span_context.span_id)
-    _logger.error(
+    record = _logger.makeRecord(
+        _logger.name,
+        logging.ERROR,
+        __file__,
+        0,
         "Background task %s failed (%s): %s [trace_id=%s span_id=%s]",
-        run.names.function_name,
-        outcome,
-        error_type(error),
-        trace_id,
-        span_id,
-        exc_info=error,
-        extra={"otelTraceID": trace_id, "otelSpanID": span_id, "background_task": run.names.function_name},
+        (run.names.function_name, run.outcome, error_type(error), trace_id, span_id),
+        (type(error), error, error.__traceback__),
+        "_log_failure",
     )
+    record.otelTraceID = trace_id
+    record.otelSpanID = span_id
+    record.otelTraceSampled = span_context.trace_flags.sampled
+    record.background_task = run.names.function_name
+    _logger.handle(record)
 
 
 def _leaves(tasks: Iterable[Any]) -> Iterator[Any]:
-    """The tasks themselves, descending into a ``BackgroundTasks`` queued inside another."""
+    """The tasks themselves, and those of any ``BackgroundTasks`` among them or run by one of them."""
     for task in tasks:
-        inner = getattr(task, "tasks", None)
+        inner = getattr(task, "tasks", None)  # a BackgroundTasks appended to the list itself
         if isinstance(inner, list):
             yield from _leaves(inner)  # pyright: ignore[reportUnknownArgumentType]
-        else:
-            yield task
+            continue
+        yield task
+        inner = getattr(getattr(task, "func", None), "tasks", None)  # add_task(other_background_tasks)
+        if isinstance(inner, list):
+            yield from _leaves(inner)  # pyright: ignore[reportUnknownArgumentType]

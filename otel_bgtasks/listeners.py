@@ -1,0 +1,45 @@
+"""Subscribers to what happens to tasks: Sentry forwarding, and anything else that wants the reports.
+
+The hot path (wrappers.py) knows only this interface. It calls each listener once a report is complete
+(a failed task's run knows which tasks its failure left unrun), and never lets a listener's error reach
+the task.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from otel_bgtasks.task_state import TaskRun, TaskState
+
+
+class TaskListener:
+    """Override what you need; every method is called on the thread that ran or dropped the task."""
+
+    def task_ended(self, run: TaskRun) -> None:
+        """A task ran: ``run.outcome`` says how it ended, ``run.error`` what to report (``None`` if nothing)."""
+
+    def task_skipped(self, state: TaskState, reason: str) -> None:
+        """A task never ran because an earlier task of its ``BackgroundTasks`` failed or was cancelled."""
+
+    def task_dropped(self, state: TaskState) -> None:
+        """A task was garbage-collected without ever running."""
+
+
+_lock = threading.Lock()
+# Read on every task without the lock: replaced whole, never mutated, so a reader sees one version.
+active: tuple[TaskListener, ...] = ()
+
+
+def add_listener(listener: TaskListener) -> None:
+    """Start telling ``listener`` about tasks (once, however often it is added)."""
+    global active
+    with _lock:
+        if listener not in active:
+            active = (*active, listener)
+
+
+def remove_listener(listener: TaskListener) -> None:
+    """Stop telling ``listener``; removing one that was never added does nothing."""
+    global active
+    with _lock:
+        active = tuple(item for item in active if item is not listener)
