@@ -31,9 +31,10 @@ With no code change, ``opentelemetry-instrument uvicorn app:app`` loads
 API
 ---
 
-- ``instrument(app=None, *, tracer_provider=None, meter_provider=None, mode=None, **options)``:
-  patch task creation and execution process-wide (calling it again changes nothing) and, given an
-  app, add request spans to it unless it already has them. Returns the app to serve.
+- ``instrument(app=None, *, tracer_provider=None, meter_provider=None, mode=..., ...)``: patch task
+  creation and execution process-wide (calling it again changes nothing) and, given an app, add
+  request spans to it unless it already has them. Returns the app to serve. Its docstring lists
+  every option.
 - ``uninstrument()``: restore every patched attribute.
 - ``mode="child"`` (default): a task's span is a child of the span current when it was queued.
   ``mode="link"``: each task starts a new trace whose root links to that span.
@@ -44,17 +45,19 @@ API
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Literal, TypeVar
 
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
-from otel_bgtasks.instrumentor import BackgroundTasksInstrumentor, instrumentor_lock, watch_imports
+from otel_bgtasks.config import UNSET, Unset, explicit
+from otel_bgtasks.instrumentor import BackgroundTasksInstrumentor, instrumentor_lock
 from otel_bgtasks.request_spans import ensure_request_spans
 from otel_bgtasks.task_options import task_options
 from otel_bgtasks.version import __version__
 
-__all__ = ["BackgroundTasksInstrumentor", "__version__", "instrument", "task_options", "uninstrument"]
+__all__ = ["UNSET", "BackgroundTasksInstrumentor", "__version__", "instrument", "task_options", "uninstrument"]
 
 _App = TypeVar("_App")
 
@@ -64,25 +67,62 @@ def instrument(
     *,
     tracer_provider: TracerProvider | None = None,
     meter_provider: MeterProvider | None = None,
-    mode: str | None = None,
-    **options: Any,
+    mode: Literal["child", "link"] | Unset = UNSET,
+    continue_on_error: bool | Unset = UNSET,
+    timeout: float | Unset | None = UNSET,
+    blocking_threshold: float | Unset | None = UNSET,
+    strict: bool | Unset = UNSET,
+    sentry: bool | Literal["auto"] | Unset = UNSET,
+    capture_args: bool | Unset = UNSET,
+    capture_args_max_length: int | Unset = UNSET,
+    redact_keys: Sequence[str] | Unset = UNSET,
 ) -> _App:
     """Trace every background task; with ``app``, also make sure its requests are traced.
 
+    Patches task creation and execution process-wide, once: a later call with other options logs a
+    WARNING naming what it ignored (``uninstrument()`` first to change them). An option left out comes
+    from ``OTEL_PYTHON_BGTASKS_<OPTION>``, else its default.
+
+    Args:
+        app: a Starlette/FastAPI app (or any ASGI app) to give request spans, unless it has them already.
+        tracer_provider: where task spans go; the global provider if ``None``.
+        meter_provider: where task metrics go; the global provider if ``None``.
+        mode: ``"child"`` (default): a task's span is a child of the span current when it was queued.
+            ``"link"``: each task starts a new trace whose root links to that span.
+        continue_on_error: run the tasks after a failed one in the same ``BackgroundTasks`` (default False;
+            Starlette stops at the first failure).
+        timeout: seconds; an ``async def`` task over it is cancelled, a ``def`` task is reported when it ends.
+            ``None`` (default): no timeout. Per function: :func:`task_options`.
+        blocking_threshold: seconds an ``async def`` task may hold the event loop before it is reported as
+            blocking (default 0.1); ``None`` turns the measurement off.
+        strict: raise ``TypeError`` at ``add_task(coroutine_object)`` and non-callables (default False: log).
+        sentry: ``"auto"`` (default): forward failures to an initialised sentry-sdk; ``True``: require it;
+            ``False``: never.
+        capture_args: record task arguments on spans, secrets redacted (default False: never recorded).
+        capture_args_max_length: characters per rendered argument (default 256, at least 16).
+        redact_keys: more names whose values are redacted, on top of the built-in list.
+
+    Returns:
+        The app to serve: ``app`` itself for Starlette and FastAPI, else the middleware around it.
+
     Raises:
-        TypeError: an option that does not exist.
         ValueError: an option value that is not allowed; the message lists what is.
     """
-    if mode is not None:
-        options["mode"] = mode
-    instrumentor = BackgroundTasksInstrumentor()
-    watch_imports()  # before the lock: see there
-    with instrumentor_lock:
-        if not instrumentor.is_instrumented_by_opentelemetry:
-            instrumentor.instrument(tracer_provider=tracer_provider, meter_provider=meter_provider, **options)
+    options = explicit(
+        mode=mode,
+        continue_on_error=continue_on_error,
+        timeout=timeout,
+        blocking_threshold=blocking_threshold,
+        strict=strict,
+        sentry=sentry,
+        capture_args=capture_args,
+        capture_args_max_length=capture_args_max_length,
+        redact_keys=redact_keys,
+    )
+    BackgroundTasksInstrumentor().instrument(tracer_provider=tracer_provider, meter_provider=meter_provider, **options)
     if app is None:
         return app
-    return ensure_request_spans(app, tracer_provider, meter_provider)  # type: ignore[no-any-return]
+    return ensure_request_spans(app, tracer_provider, meter_provider)
 
 
 def uninstrument() -> None:

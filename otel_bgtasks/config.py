@@ -7,11 +7,13 @@ gives no place to raise to and the application must still start.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from enum import Enum
+from typing import Any, Final, Literal
 
 _logger = logging.getLogger("otel_bgtasks")
 
@@ -19,6 +21,18 @@ ENV_PREFIX = "OTEL_PYTHON_BGTASKS_"
 
 Mode = Literal["child", "link"]
 MODES: tuple[Mode, ...] = ("child", "link")
+
+
+class Unset(Enum):
+    """The type of :data:`UNSET`: an option not given, left to its environment variable or default."""
+
+    UNSET = "UNSET"
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Final = Unset.UNSET
 
 
 @dataclass(frozen=True)
@@ -133,6 +147,7 @@ def resolve(arguments: Mapping[str, object], environ: Mapping[str, str] | None =
             f"otel_bgtasks got unknown option(s) {', '.join(unknown)}; known options: {', '.join(sorted(_PARSERS))}"
         )
     environ = os.environ if environ is None else environ
+    _warn_unknown_variables(environ)
     values: dict[str, Any] = {}
     for field in fields(Options):
         parse = _PARSERS[field.name]
@@ -148,3 +163,33 @@ def resolve(arguments: Mapping[str, object], environ: Mapping[str, str] | None =
         except ValueError as exc:
             _logger.warning("Ignoring %s=%r: %s. Using the default %r.", variable, raw, exc, field.default)
     return Options(**values)
+
+
+def explicit(**arguments: object) -> dict[str, object]:
+    """The arguments that were given, without those left :data:`UNSET`."""
+    return {name: value for name, value in arguments.items() if value is not UNSET}
+
+
+def differences(active: Options, arguments: Mapping[str, object]) -> list[str]:
+    """``"name=value (in effect: other)"`` for each given argument that differs from the options in effect."""
+    wanted = resolve(arguments, environ={})
+    return [
+        f"{name}={getattr(wanted, name)!r} (in effect: {getattr(active, name)!r})"
+        for name in sorted(arguments)
+        if getattr(wanted, name) != getattr(active, name)
+    ]
+
+
+_warned_variables: set[str] = set()
+
+
+def _warn_unknown_variables(environ: Mapping[str, str]) -> None:
+    """A misspelt ``OTEL_PYTHON_BGTASKS_*`` variable would be ignored silently: name the closest valid one."""
+    known = [ENV_PREFIX + name.upper() for name in _PARSERS]
+    for variable in environ:
+        if not variable.startswith(ENV_PREFIX) or variable in known or variable in _warned_variables:
+            continue
+        _warned_variables.add(variable)
+        close = difflib.get_close_matches(variable, known, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else f"valid ones: {', '.join(known)}"
+        _logger.warning("Ignoring %s: otel_bgtasks has no such option; %s", variable, hint)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 from collections.abc import Collection
@@ -14,7 +15,7 @@ from opentelemetry.instrumentation.utils import unwrap
 from wrapt import register_post_import_hook, wrap_function_wrapper
 
 from otel_bgtasks.arguments import ArgumentCapture
-from otel_bgtasks.config import resolve
+from otel_bgtasks.config import Options, differences, resolve
 from otel_bgtasks.guard import internal_error
 from otel_bgtasks.listeners import add_listener, remove_listener
 from otel_bgtasks.metrics import task_metrics
@@ -25,6 +26,9 @@ from otel_bgtasks.version import __version__
 from otel_bgtasks.wrappers import TaskWrappers
 
 instrumentor_lock = threading.RLock()
+_logger = logging.getLogger("otel_bgtasks")
+# BaseInstrumentor.instrument()'s own arguments, which opentelemetry-instrument passes.
+_BASE_INSTRUMENTOR_ARGUMENTS: Final = frozenset({"skip_dep_check", "raise_exception_on_conflict"})
 
 # Patched when the application imports them, never imported by us: in a Starlette-only process that
 # would load FastAPI, pydantic and contrib (over a hundred modules, more than 10 MiB) for nothing.
@@ -84,6 +88,8 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
     _fastapi_tasks: type | None = None  # fastapi.background.BackgroundTasks, once its __call__ is wrapped
     _contrib: ContribFastAPI | None = None
     _wrappers: TaskWrappers | None = None
+    _options: Options | None = None
+    _providers: tuple[object, object] = (None, None)
     _sentry: SentryForwarder | None = None
 
     def instrumentation_dependencies(self) -> Collection[str]:
@@ -91,10 +97,34 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
         return _instruments
 
     def instrument(self, **kwargs: Any) -> None:
-        """Patch, once: BaseInstrumentor checks and sets its flag without a lock."""
+        """Patch, once; takes the options of :func:`otel_bgtasks.instrument`, by the same names.
+
+        BaseInstrumentor checks and sets its flag without a lock. Instrumenting again changes nothing,
+        and a WARNING names the options that were asked for and ignored.
+        """
         watch_imports()  # before the lock: see there
         with instrumentor_lock:
+            if self.is_instrumented_by_opentelemetry:
+                self._warn_ignored(kwargs)
+                return
             super().instrument(**kwargs)  # type: ignore[no-untyped-call]
+
+    def _warn_ignored(self, kwargs: dict[str, Any]) -> None:
+        arguments = {name: value for name, value in kwargs.items() if name not in _BASE_INSTRUMENTOR_ARGUMENTS}
+        providers = {"tracer_provider": 0, "meter_provider": 1}
+        ignored = [
+            f"{name}={value!r}"
+            for name, value in arguments.items()
+            if name in providers and value is not None and value is not self._providers[providers[name]]
+        ]
+        if self._options is not None:
+            ignored += differences(self._options, {k: v for k, v in arguments.items() if k not in providers})
+        if ignored:
+            _logger.warning(
+                "otel_bgtasks is instrumented already; ignoring %s. Call otel_bgtasks.uninstrument() first to "
+                "instrument with other options.",
+                ", ".join(ignored),
+            )
 
     def uninstrument(self, **kwargs: Any) -> None:
         """Unpatch, under the same lock as :meth:`instrument`."""
@@ -106,7 +136,9 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
 
         tracer_provider = kwargs.pop("tracer_provider", None)
         meter_provider = kwargs.pop("meter_provider", None)
-        options = resolve(kwargs)
+        options = resolve({k: v for k, v in kwargs.items() if k not in _BASE_INSTRUMENTOR_ARGUMENTS})
+        self._options = options
+        self._providers = (tracer_provider, meter_provider)
         tracer = trace.get_tracer(__name__, __version__, tracer_provider)
         arguments = (
             ArgumentCapture(options.capture_args_max_length, options.redact_keys) if options.capture_args else None
@@ -158,3 +190,5 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
         if self._sentry is not None:
             remove_listener(self._sentry)
             self._sentry = None
+        self._options = None
+        self._providers = (None, None)

@@ -7,7 +7,9 @@ deletes the attribute. To keep exactly one span per task in every order:
 
 - contrib patched first: our wrapper calls the original it kept, not its bare span (the bypass);
 - we patched first: we set the attribute ourselves, so contrib leaves ``__call__`` alone;
-- contrib uninstruments an app later: we put our wrapper and the attribute back right after.
+- contrib uninstruments an app later: we put our wrapper and the attribute back right after;
+- contrib instruments an app that ``otel_bgtasks.instrument(app)`` gave request spans: ours are withdrawn
+  first, so that each request keeps one server span.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Any, Final
 
 from wrapt import wrap_function_wrapper
 
-from otel_bgtasks.guard import internal_error
+from otel_bgtasks.guard import capture_internal_exceptions, internal_error
+from otel_bgtasks.request_spans import withdraw_request_spans
 from otel_bgtasks.wrappers import TaskWrappers
 
 MARKER: Final = "_otel_original_call"
@@ -39,6 +42,7 @@ class ContribFastAPI:
         self._our_call: Any = None
         self._instrumentor: Any = None  # contrib's FastAPIInstrumentor class, once watched
         self._saved_uninstrument_app: Any = None
+        self._saved_instrument_app: Any = None
 
     def install(self) -> None:
         """Claim the marker; contrib's ``uninstrument_app`` is watched by :meth:`watch` once contrib is imported."""
@@ -55,7 +59,9 @@ class ContribFastAPI:
         self._instrumentor = contrib.FastAPIInstrumentor
         # A staticmethod: opentelemetry's unwrap() would put back a plain function, so keep the original.
         self._saved_uninstrument_app = vars(self._instrumentor)["uninstrument_app"]
+        self._saved_instrument_app = vars(self._instrumentor)["instrument_app"]
         wrap_function_wrapper(self._instrumentor, "uninstrument_app", self._after_uninstrument_app)
+        wrap_function_wrapper(self._instrumentor, "instrument_app", self._before_instrument_app)
 
     def remove(self) -> None:
         """Undo :meth:`install` and :meth:`watch`; call after ``BackgroundTask.__call__`` is unwrapped."""
@@ -66,8 +72,18 @@ class ContribFastAPI:
         self._our_call = None
         if self._instrumentor is not None:
             setattr(self._instrumentor, "uninstrument_app", self._saved_uninstrument_app)  # noqa: B010
+            setattr(self._instrumentor, "instrument_app", self._saved_instrument_app)  # noqa: B010
             self._instrumentor = None
             self._saved_uninstrument_app = None
+            self._saved_instrument_app = None
+
+    @staticmethod
+    def _before_instrument_app(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        with capture_internal_exceptions():
+            app = args[0] if args else kwargs.get("app")
+            if not getattr(app, "_is_instrumented_by_opentelemetry", False):
+                withdraw_request_spans(app)
+        return wrapped(*args, **kwargs)
 
     def _after_uninstrument_app(
         self, wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware  # pyright: ignore[reportMissingTypeStubs]
 
 _logger = logging.getLogger("otel_bgtasks")
+
+# The middleware entries otel_bgtasks added, per app: withdrawn if the app is instrumented otherwise later.
+_added: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
 def _native_tracing(app: Any) -> bool:
@@ -46,6 +50,7 @@ def ensure_request_spans(app: Any, tracer_provider: trace.TracerProvider | None,
         return OpenTelemetryMiddleware(app, tracer_provider=tracer_provider, meter_provider=meter_provider)
     try:
         add_middleware(OpenTelemetryMiddleware, tracer_provider=tracer_provider, meter_provider=meter_provider)
+        _added[app] = app.user_middleware[0]  # Starlette inserts it first
     except RuntimeError as exc:
         # Starlette refuses middleware once the app has started serving.
         _logger.warning(
@@ -56,3 +61,16 @@ def ensure_request_spans(app: Any, tracer_provider: trace.TracerProvider | None,
             exc,
         )
     return app
+
+
+def withdraw_request_spans(app: Any) -> None:
+    """Take back the middleware :func:`ensure_request_spans` added, before another instrumentation adds its own.
+
+    opentelemetry-instrumentation-fastapi's ``instrument_app(app)`` does not look for an existing
+    middleware: without this, every request would get two server spans. Its options win, as the later call.
+    """
+    entry = _added.pop(app, None)
+    middleware = getattr(app, "user_middleware", None)
+    if entry is None or not isinstance(middleware, list) or getattr(app, "middleware_stack", None) is not None:
+        return
+    middleware[:] = [item for item in middleware if item is not entry]  # pyright: ignore[reportUnknownVariableType]

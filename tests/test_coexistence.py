@@ -38,6 +38,8 @@ ORIGINALS: dict[tuple[type, str], Any] = {
 }
 # otel_bgtasks watches contrib's uninstrument_app() to put its own wrapper back after it.
 ORIGINALS[(FastAPIInstrumentor, "uninstrument_app")] = vars(FastAPIInstrumentor)["uninstrument_app"]
+# ... and its instrument_app(), to withdraw the request spans instrument(app) added before it.
+ORIGINALS[(FastAPIInstrumentor, "instrument_app")] = vars(FastAPIInstrumentor)["instrument_app"]
 if "__call__" in vars(fastapi_background.BackgroundTasks):
     ORIGINALS[(fastapi_background.BackgroundTasks, "__call__")] = vars(fastapi_background.BackgroundTasks)["__call__"]
 NATIVE_TELEMETRY_OFF: dict[str, Any] = {"tracing": False, "metrics": False, "logs": False}
@@ -323,3 +325,24 @@ async def test_contrib_reapplied_to_another_app_adds_no_second_task_span(
     assert_originals_restored()
     assert ran == ["succeed"]
     assert_only_our_task_spans(exporter, succeed)
+
+
+@pytest.mark.parametrize("order", ["otel_bgtasks-first", "contrib-first"])
+async def test_one_request_span_whichever_instruments_the_app_first(
+    order: str, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    """instrument(app) adds request spans; contrib's instrument_app(app) after it must not add a second set."""
+    setup = Setup(native=False, contrib="after" if order == "otel_bgtasks-first" else "before")
+    app = make_app(setup, tracer_provider, (succeed,), sync=False)
+    instrument(app, setup, tracer_provider)
+    try:
+        for _ in range(2):
+            assert (await get(app)).status_code == 200
+    finally:
+        uninstrument(app)
+    servers = [s for s in exporter.get_finished_spans() if s.kind is SpanKind.SERVER]
+    assert [s.name for s in servers] == ["GET /", "GET /"]
+    tasks = task_spans(exporter)
+    assert len(tasks) == 2
+    assert {t.parent.span_id for t in tasks if t.parent} == {s.context.span_id for s in servers}
+    assert_originals_restored()

@@ -130,9 +130,42 @@ async def test_instrument_after_start_warns_and_still_traces_tasks(
 
 
 def test_unknown_option_is_a_clear_type_error() -> None:
+    with pytest.raises(TypeError, match="unexpected keyword argument 'colour'"):
+        otel_bgtasks.instrument(colour="blue")  # type: ignore[call-arg]  # pyright: ignore[reportCallIssue]
+    # The instrumentor takes **kwargs (opentelemetry-instrument passes its own): it names the known options.
     with pytest.raises(TypeError, match=r"unknown option\(s\) colour; known options: .*\bmode\b"):
-        otel_bgtasks.instrument(colour="blue")
+        otel_bgtasks.BackgroundTasksInstrumentor().instrument(colour="blue")
     assert not otel_bgtasks.BackgroundTasksInstrumentor().is_instrumented_by_opentelemetry
+
+
+def test_instrument_again_with_other_options_names_what_it_ignored(
+    tracer_provider: TracerProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    otel_bgtasks.instrument(tracer_provider=tracer_provider, mode="link", timeout=5)
+    with caplog.at_level(logging.WARNING, logger="otel_bgtasks"):
+        otel_bgtasks.instrument(tracer_provider=tracer_provider, mode="link")  # the same: nothing to say
+        assert caplog.records == []
+        otel_bgtasks.instrument(mode="child", timeout=None, continue_on_error=True, tracer_provider=TracerProvider())
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert "ignoring" in message and "uninstrument()" in message
+    for part in (
+        "mode='child' (in effect: 'link')",
+        "timeout=None (in effect: 5.0)",
+        "continue_on_error=True",
+        "tracer_provider=",
+    ):
+        assert part in message
+
+
+def test_misspelt_environment_variable_names_the_closest_option(
+    tracer_provider: TracerProvider, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_PYTHON_BGTASKS_CONTINUE_ON_ERRORS", "true")
+    with caplog.at_level(logging.WARNING, logger="otel_bgtasks"):
+        otel_bgtasks.instrument(tracer_provider=tracer_provider)
+    assert "Ignoring OTEL_PYTHON_BGTASKS_CONTINUE_ON_ERRORS" in caplog.text
+    assert "did you mean OTEL_PYTHON_BGTASKS_CONTINUE_ON_ERROR?" in caplog.text
 
 
 def test_bad_mode_names_the_allowed_values() -> None:
