@@ -53,7 +53,7 @@ from opentelemetry.trace import TracerProvider
 
 from otel_bgtasks.config import UNSET, Unset, explicit
 from otel_bgtasks.instrumentor import BackgroundTasksInstrumentor, instrumentor_lock
-from otel_bgtasks.request_spans import ensure_request_spans
+from otel_bgtasks.request_spans import ensure_request_spans, native_tracer_provider
 from otel_bgtasks.task_options import task_options
 from otel_bgtasks.version import __version__
 
@@ -119,9 +119,12 @@ def instrument(
         capture_args_max_length=capture_args_max_length,
         redact_keys=redact_keys,
     )
-    BackgroundTasksInstrumentor().instrument(tracer_provider=tracer_provider, meter_provider=meter_provider, **options)
+    instrumentor = BackgroundTasksInstrumentor()
+    instrumentor.instrument(tracer_provider=tracer_provider, meter_provider=meter_provider, **options)
     if app is None:
         return app
+    with instrumentor_lock:
+        instrumentor.follow(native_tracer_provider(app))  # FastAPI(telemetry={"tracer_provider": ...})
     return ensure_request_spans(app, tracer_provider, meter_provider)
 
 

@@ -9,7 +9,6 @@ from collections.abc import Collection
 from types import ModuleType
 from typing import Any, Final
 
-from opentelemetry import trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 from opentelemetry.instrumentation.utils import unwrap
 from wrapt import register_post_import_hook, wrap_function_wrapper
@@ -22,7 +21,6 @@ from otel_bgtasks.metrics import task_metrics
 from otel_bgtasks.package import _instruments  # pyright: ignore[reportPrivateUsage]
 from otel_bgtasks.peers import CONTRIB, ContribFastAPI, contrib_original_call
 from otel_bgtasks.sentry import SentryForwarder, sentry_installed
-from otel_bgtasks.version import __version__
 from otel_bgtasks.wrappers import TaskWrappers
 
 instrumentor_lock = threading.RLock()
@@ -139,14 +137,13 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
         options = resolve({k: v for k, v in kwargs.items() if k not in _BASE_INSTRUMENTOR_ARGUMENTS})
         self._options = options
         self._providers = (tracer_provider, meter_provider)
-        tracer = trace.get_tracer(__name__, __version__, tracer_provider)
         arguments = (
             ArgumentCapture(options.capture_args_max_length, options.redact_keys) if options.capture_args else None
         )
         if options.sentry is True or (options.sentry == "auto" and sentry_installed()):
             self._sentry = SentryForwarder(options.sentry, arguments)
             add_listener(self._sentry)
-        wrappers = TaskWrappers(tracer, task_metrics(meter_provider), options, arguments)
+        wrappers = TaskWrappers(tracer_provider, task_metrics(meter_provider), options, arguments)
         wrappers.bypass_call = contrib_original_call()
         self._wrappers = wrappers
         self._contrib = ContribFastAPI(wrappers)
@@ -160,6 +157,11 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
             if name in sys.modules:
                 self.patch_lazy(sys.modules[name])
         # Otherwise the hooks watch_imports() registered patch them when they are imported.
+
+    def follow(self, tracer_provider: Any) -> None:
+        """Send task spans to ``tracer_provider``, the app's request spans' own, unless one was given to us."""
+        if self._wrappers is not None and tracer_provider is not None:
+            self._wrappers.follow(tracer_provider)
 
     def patch_lazy(self, module: ModuleType) -> None:
         """Patch FastAPI's or contrib's module, once imported, unless uninstrumented or patched already."""

@@ -77,12 +77,14 @@ class ContribFastAPI:
             self._saved_uninstrument_app = None
             self._saved_instrument_app = None
 
-    @staticmethod
-    def _before_instrument_app(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _before_instrument_app(self, wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         with capture_internal_exceptions():
             app = args[0] if args else kwargs.get("app")
             if not getattr(app, "_is_instrumented_by_opentelemetry", False):
                 withdraw_request_spans(app)
+            tracer_provider = kwargs.get("tracer_provider")
+            if tracer_provider is not None:  # the request spans go there: the task spans follow them
+                self._wrappers.follow(tracer_provider)
         return wrapped(*args, **kwargs)
 
     def _after_uninstrument_app(

@@ -26,6 +26,15 @@ def _native_tracing(app: Any) -> bool:
     return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
 
 
+def native_tracer_provider(app: Any) -> trace.TracerProvider | None:
+    """The tracer provider FastAPI's native telemetry was given for ``app``, if any."""
+    config = getattr(app, "_telemetry", None)
+    if not isinstance(config, dict) or not config.get("tracing", False):  # pyright: ignore[reportUnknownMemberType]
+        return None
+    provider = config.get("tracer_provider")  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+    return provider if isinstance(provider, trace.TracerProvider) else None
+
+
 def has_request_spans(app: Any) -> bool:
     """Whether requests to ``app`` already get spans: from an ASGI middleware, contrib's instrumentors or FastAPI."""
     if isinstance(app, OpenTelemetryMiddleware) or getattr(app, "_is_instrumented_by_opentelemetry", False):

@@ -32,6 +32,7 @@ from otel_bgtasks.metrics import TaskMetrics
 from otel_bgtasks.mistakes import creation_site, discard, invalid_task_problem, report_dropped
 from otel_bgtasks.naming import describe, error_type
 from otel_bgtasks.task_state import STATE_ATTRIBUTE, TaskRun, TaskState, state_of
+from otel_bgtasks.version import __version__
 
 _logger = logging.getLogger("otel_bgtasks")
 
@@ -47,12 +48,14 @@ class TaskWrappers:
 
     def __init__(
         self,
-        tracer: trace.Tracer,
+        tracer_provider: trace.TracerProvider | None,
         task_metrics: TaskMetrics,
         options: Options,
         arguments: ArgumentCapture | None = None,
     ) -> None:
-        self._tracer = tracer
+        self._explicit_provider = tracer_provider is not None
+        self._tracer = _tracer(tracer_provider)
+        self._spans_recorded = self._explicit_provider
         self._metrics = task_metrics
         self._options = options
         self._arguments = arguments  # None unless the user opted in with capture_args=True
@@ -64,6 +67,20 @@ class TaskWrappers:
         self._warned_blocking: set[str] = set()
         # Set by uninstrument(): a task created before and run after it was never seen to start.
         self.retired = False
+
+    def follow(self, tracer_provider: trace.TracerProvider) -> None:
+        """Send task spans where the app's request spans go, unless instrument() was given a provider."""
+        if not self._explicit_provider:
+            self._tracer = _tracer(tracer_provider)
+            self._spans_recorded = True
+
+    def spans_recorded(self) -> bool:
+        """Whether task spans go anywhere: a provider was given or followed, or an SDK set the global one."""
+        if not self._spans_recorded:
+            # Set once per process: when it is no longer the API's default, it stays so.
+            provider = trace.get_tracer_provider()
+            self._spans_recorded = not isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
+        return self._spans_recorded
 
     # -- creation ---------------------------------------------------------------------------------
 
@@ -436,19 +453,26 @@ class TaskWrappers:
             )
         return skipped
 
-    @staticmethod
     async def call_fastapi_tasks(
-        wrapped: _Wrapped, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self, wrapped: _Wrapped, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         """FastAPI >= 0.163's ``BackgroundTasks.__call__``: run Starlette's loop instead.
 
         FastAPI's override differs from Starlette's only by a ``fastapi.background_task`` span around
         each task. Ours replaces it (same ``code.function.name`` and ``error.type``, and more), parented
-        to the creating span rather than to the request, so each task gets exactly one span.
+        to the creating span rather than to the request, so each task gets exactly one span. Unless
+        ours would go nowhere (no SDK, no provider given) while FastAPI's has a provider of its own.
         """
         from starlette.background import BackgroundTasks
 
+        if not self.spans_recorded():
+            return await wrapped(*args, **kwargs)
+
         return await BackgroundTasks.__call__(instance, *args, **kwargs)
+
+
+def _tracer(tracer_provider: trace.TracerProvider | None) -> trace.Tracer:
+    return trace.get_tracer("otel_bgtasks.instrumentor", __version__, tracer_provider)
 
 
 def _overrides_call(cls: type) -> bool:

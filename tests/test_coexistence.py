@@ -346,3 +346,33 @@ async def test_one_request_span_whichever_instruments_the_app_first(
     assert len(tasks) == 2
     assert {t.parent.span_id for t in tasks if t.parent} == {s.context.span_id for s in servers}
     assert_originals_restored()
+
+
+def exporting_provider() -> tuple[TracerProvider, InMemorySpanExporter]:
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    own_exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(own_exporter))
+    return provider, own_exporter
+
+
+@pytest.mark.parametrize("peer", with_native(["native", "contrib"]))
+async def test_task_spans_follow_the_request_spans_to_the_peers_own_provider(
+    peer: str, exporter: InMemorySpanExporter
+) -> None:
+    """The app's request instrumentation has its own provider; instrument(app) was given none: tasks go there too."""
+    provider, own_exporter = exporting_provider()
+    setup = Setup(native=peer == "native", contrib="after" if peer == "contrib" else None)
+    app = make_app(setup, provider, (succeed,), sync=False)
+    otel_bgtasks.instrument(app)
+    if peer == "contrib":
+        FastAPIInstrumentor.instrument_app(app, tracer_provider=provider)
+    try:
+        assert (await get(app)).status_code == 200
+    finally:
+        uninstrument(app) if peer == "contrib" else otel_bgtasks.uninstrument()
+    assert task_spans(exporter) == []  # not the global provider's
+    (task,) = task_spans(own_exporter)
+    assert task.name == "BackgroundTask succeed"
+    assert task.parent is not None and task.parent.span_id == app.state.creating[0].span_id
