@@ -263,7 +263,7 @@ def per_call(func: Callable[[], object], n: int = 20000) -> float:
 def signal_costs(meter_provider: MeterProvider) -> dict[str, float]:
     """What each optional or per-task signal adds, measured on its own (not a sum of the whole)."""
     from otel_bgtasks.arguments import ArgumentCapture
-    from otel_bgtasks.blocking import LoopHoldTimer
+    from otel_bgtasks.blocking import BlockingTimer
     from otel_bgtasks.metrics import TaskMetrics
     from otel_bgtasks.mistakes import creation_site
     from otel_bgtasks.naming import describe
@@ -278,7 +278,7 @@ def signal_costs(meter_provider: MeterProvider) -> dict[str, float]:
         async def run() -> float:
             started = time.perf_counter()
             for _ in range(n):
-                await LoopHoldTimer(noop_async())
+                await BlockingTimer(noop_async())
             return (time.perf_counter() - started) / n
 
         return loop.run_until_complete(run())

@@ -13,14 +13,14 @@ from time import perf_counter
 from typing import Any
 
 
-class LoopHoldTimer:
-    """Awaitable that runs ``coroutine`` unchanged and keeps its longest step in :attr:`longest`."""
+class BlockingTimer:
+    """Awaitable that runs ``coroutine`` unchanged and keeps its longest step in :attr:`max`."""
 
-    __slots__ = ("_coroutine", "longest")
+    __slots__ = ("_coroutine", "max")
 
     def __init__(self, coroutine: Coroutine[Any, Any, Any]) -> None:
         self._coroutine = coroutine
-        self.longest = 0.0
+        self.max = 0.0
 
     def __await__(self) -> Generator[Any, Any, Any]:
         coroutine = self._coroutine
@@ -46,5 +46,5 @@ class LoopHoldTimer:
                 value, error = None, exc
 
     def _note(self, held: float) -> None:
-        if held > self.longest:
-            self.longest = held
+        if held > self.max:
+            self.max = held

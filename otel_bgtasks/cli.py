@@ -421,7 +421,7 @@ def _warnings(span: ReadableSpan) -> list[str]:
     warnings: list[str] = []
     for event in span.events:
         attributes = event.attributes or {}
-        if event.name == semconv.EVENT_EVENT_LOOP_BLOCKED:
+        if event.name == semconv.EVENT_LOOP_BLOCKED:
             held = attributes.get(semconv.BLOCKING_MAX)
             seconds = f" for {held * 1e3:.0f} ms" if isinstance(held, float) else ""
             warnings.append(f"blocked the event loop{seconds} without awaiting: nothing else on the loop ran meanwhile")

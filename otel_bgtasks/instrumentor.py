@@ -15,11 +15,11 @@ from wrapt import register_post_import_hook, wrap_function_wrapper
 
 from otel_bgtasks.arguments import ArgumentCapture
 from otel_bgtasks.config import Options, differences, resolve
+from otel_bgtasks.contrib_fastapi import CONTRIB, ContribFastAPICoordinator, contrib_original_call
 from otel_bgtasks.guard import internal_error
 from otel_bgtasks.listeners import add_listener, remove_listener
 from otel_bgtasks.metrics import task_metrics
 from otel_bgtasks.package import _instruments  # pyright: ignore[reportPrivateUsage]
-from otel_bgtasks.peers import CONTRIB, ContribFastAPI, contrib_original_call
 from otel_bgtasks.sentry import SentryForwarder, sentry_installed
 from otel_bgtasks.wrappers import TaskWrappers
 
@@ -84,7 +84,7 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
     """
 
     _fastapi_tasks: type | None = None  # fastapi.background.BackgroundTasks, once its __call__ is wrapped
-    _contrib: ContribFastAPI | None = None
+    _contrib: ContribFastAPICoordinator | None = None
     _wrappers: TaskWrappers | None = None
     _options: Options | None = None
     _providers: tuple[object, object] = (None, None)
@@ -146,7 +146,7 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
         wrappers = TaskWrappers(tracer_provider, task_metrics(meter_provider), options, arguments)
         wrappers.bypass_call = contrib_original_call()
         self._wrappers = wrappers
-        self._contrib = ContribFastAPI(wrappers)
+        self._contrib = ContribFastAPICoordinator(wrappers)
 
         wrap_function_wrapper(background, "BackgroundTask.__init__", wrappers.init_task)
         wrap_function_wrapper(background, "BackgroundTask.__call__", wrappers.call_task)

@@ -51,12 +51,12 @@ class TaskMetrics:
             semconv.METRIC_DURATION, unit="s", description="Time a background task ran, from start to end."
         )
         self.queue_duration = meter.create_histogram(
-            semconv.METRIC_QUEUE_DURATION,
+            semconv.QUEUE_DURATION,
             unit="s",
             description="Time from a background task's creation in the request to its start.",
         )
         self.threadpool_wait = meter.create_histogram(
-            semconv.METRIC_THREADPOOL_WAIT,
+            semconv.THREADPOOL_WAIT,
             unit="s",
             description="Time a sync background task waited for a worker thread.",
         )

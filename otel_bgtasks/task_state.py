@@ -15,7 +15,7 @@ from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 from opentelemetry.trace import Span
 
-from otel_bgtasks.blocking import LoopHoldTimer
+from otel_bgtasks.blocking import BlockingTimer
 from otel_bgtasks.naming import FunctionNames, describe
 
 STATE_ATTRIBUTE: Final = "_otel_bgtasks_state"
@@ -58,6 +58,7 @@ class TaskRun:
     """One execution of one task, from its span's start to its end, and what it came to."""
 
     __slots__ = (
+        "blocking",
         "error",
         "execution",
         "handed_off",
@@ -73,7 +74,6 @@ class TaskRun:
         "thread_finished",
         "thread_started",
         "timeout",
-        "timer",
         "token",
     )
 
@@ -86,7 +86,7 @@ class TaskRun:
         self.start_ns = start_ns
         self.token: object = None
         self.timeout: float | None = None
-        self.timer: LoopHoldTimer | None = None
+        self.blocking: BlockingTimer | None = None
         self.scope: anyio.CancelScope | None = None
         # perf_counter() readings around a sync task's trip through the thread pool; 0.0 until reached.
         self.handed_off = 0.0

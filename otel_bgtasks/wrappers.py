@@ -25,7 +25,7 @@ from opentelemetry.util.types import AttributeValue
 
 from otel_bgtasks import listeners, semconv
 from otel_bgtasks.arguments import ArgumentCapture
-from otel_bgtasks.blocking import LoopHoldTimer
+from otel_bgtasks.blocking import BlockingTimer
 from otel_bgtasks.config import Options
 from otel_bgtasks.guard import capture_internal_exceptions, internal_error
 from otel_bgtasks.metrics import TaskMetrics
@@ -61,7 +61,7 @@ class TaskWrappers:
         self._arguments = arguments  # None unless the user opted in with capture_args=True
         self._link_mode = options.mode == "link"
         # opentelemetry-instrumentation-fastapi, when it patched BackgroundTask.__call__ before us, would
-        # open a second, bare span inside ours: call the original it wraps instead (see peers.py).
+        # open a second, bare span inside ours: call the original it wraps instead (see contrib_fastapi.py).
         self.bypass_call: _Wrapped | None = None
         self._duration_attributes: dict[tuple[str, str, str, str | None], dict[str, AttributeValue]] = {}
         self._warned_blocking: set[str] = set()
@@ -139,7 +139,7 @@ class TaskWrappers:
         try:
             awaitable: Awaitable[Any] = call(*args, **kwargs)
             if run.execution is semconv.EXECUTION_ASYNC and self._options.blocking_threshold is not None:
-                awaitable = run.timer = LoopHoldTimer(awaitable)  # type: ignore[arg-type]
+                awaitable = run.blocking = BlockingTimer(awaitable)  # type: ignore[arg-type]
             if run.timeout is not None and run.execution is semconv.EXECUTION_ASYNC:
                 with anyio.fail_after(run.timeout) as run.scope:
                     result = await awaitable
@@ -271,10 +271,10 @@ class TaskWrappers:
         """End attributes and events, stamped no later than the span's end."""
         span = run.span
         attributes: dict[str, AttributeValue] = {semconv.OUTCOME: run.outcome}
-        if run.timer is not None:
-            attributes[semconv.BLOCKING_MAX] = run.timer.longest
+        if run.blocking is not None:
+            attributes[semconv.BLOCKING_MAX] = run.blocking.max
             if self._blocked(run):
-                span.add_event(semconv.EVENT_EVENT_LOOP_BLOCKED, {semconv.BLOCKING_MAX: run.timer.longest}, end_ns)
+                span.add_event(semconv.EVENT_LOOP_BLOCKED, {semconv.BLOCKING_MAX: run.blocking.max}, end_ns)
         if run.threadpool_wait is not None:
             attributes[semconv.THREADPOOL_WAIT] = run.threadpool_wait
         if run.timeout is not None:
@@ -290,12 +290,12 @@ class TaskWrappers:
     def _blocked(self, run: TaskRun) -> bool:
         """Whether the task held the event loop for ``blocking_threshold`` or more."""
         threshold = self._options.blocking_threshold
-        return run.timer is not None and threshold is not None and run.timer.longest >= threshold
+        return run.blocking is not None and threshold is not None and run.blocking.max >= threshold
 
     def _warn_if_blocking(self, run: TaskRun) -> None:
         if not self._blocked(run):
             return
-        assert run.timer is not None
+        assert run.blocking is not None
         name = run.names.function_name
         self._metrics.blocked(name, run.execution)
         if name in self._warned_blocking:  # once per function: the span event shows every occurrence
@@ -307,7 +307,7 @@ class TaskWrappers:
             "meanwhile. Make it a plain `def` (Starlette runs those in a thread pool) or use an async library "
             "for the blocking call.",
             name,
-            run.timer.longest,
+            run.blocking.max,
         )
 
     def _attributes(self, run: TaskRun, outcome: str | None, error: BaseException | None) -> dict[str, AttributeValue]:

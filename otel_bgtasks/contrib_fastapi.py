@@ -34,7 +34,7 @@ def contrib_original_call() -> Any:
     return vars(BackgroundTask).get(MARKER)
 
 
-class ContribFastAPI:
+class ContribFastAPICoordinator:
     """Our side of the arrangement, installed after ``BackgroundTask.__call__`` is wrapped."""
 
     def __init__(self, wrappers: TaskWrappers) -> None:
@@ -104,7 +104,7 @@ class ContribFastAPI:
             return
         current = vars(background.BackgroundTask).get("__call__")
         if current is not self._our_call:
-            if getattr(current, "_self_wrapper", None) == self._wrappers.call_task:
+            if _wraps_the_same(current, self._our_call):
                 # Contrib put back what it had kept: our wrapper, bound to the class on the way.
                 background.BackgroundTask.__call__ = self._our_call
             else:
@@ -114,3 +114,12 @@ class ContribFastAPI:
                 self._our_call = vars(background.BackgroundTask)["__call__"]
         if MARKER not in vars(background.BackgroundTask):
             setattr(background.BackgroundTask, MARKER, self._our_call)
+
+
+def _wraps_the_same(current: Any, ours: Any) -> bool:
+    """Whether ``current`` is our wrapper as contrib put it back: bound to the class on the way, so not ``ours``.
+
+    wrapt's public ``__wrapped__`` names what both wrap: Starlette's own ``__call__``.
+    """
+    wrapped = getattr(ours, "__wrapped__", None)
+    return wrapped is not None and getattr(current, "__wrapped__", None) is wrapped
