@@ -30,6 +30,7 @@ DOCKERFILE = REPO / "Dockerfile"
 COLLECTOR_CONFIG = REPO / "collector-config" / "otel-collector.yaml"
 JAEGER_CONFIG = REPO / "collector-config" / "jaeger.yaml"
 PROMETHEUS_CONFIG = REPO / "collector-config" / "prometheus.yml"
+RULES = REPO / "collector-config" / "background-tasks.rules.yml"
 
 # Ports an image listens on without a config of ours saying so. The collector's and Jaeger's ports
 # come from their configs (below), the app's from the Dockerfile.
@@ -351,6 +352,24 @@ def test_prometheus_scrapes_compose_services() -> None:
     # It scrapes the collector's prometheus exporter.
     exporter_port = host_port(collector_configs()["otel-collector"]["exporters"]["prometheus"]["endpoint"])[1]
     assert f"otel-collector:{exporter_port}" in targets
+
+
+def test_prometheus_loads_the_background_task_rules() -> None:
+    config = load_yaml(config_file("prometheus"))
+    mounted = mounts(service("prometheus"))
+    assert config.get("rule_files"), "prometheus.yml loads no rules"
+    for path in config["rule_files"]:
+        assert path in mounted, f"Prometheus loads {path}, which is not mounted"
+    assert RULES in {mounted[path][0] for path in config["rule_files"]}
+    # The collector's exporter sets job and instance from service.name and service.instance.id, and
+    # the rules group by job: the scrape keeps them instead of renaming them exported_job/exported_instance.
+    exporter_port = host_port(collector_configs()["otel-collector"]["exporters"]["prometheus"]["endpoint"])[1]
+    (collector_job,) = (
+        job
+        for job in config["scrape_configs"]
+        if f"otel-collector:{exporter_port}" in [t for sc in job["static_configs"] for t in sc["targets"]]
+    )
+    assert collector_job.get("honor_labels") is True
 
 
 def test_app_is_configured_only_through_otel_variables_and_exports_to_the_collector() -> None:
