@@ -76,6 +76,7 @@ def instrument(
     capture_args: bool | Unset = UNSET,
     capture_args_max_length: int | Unset = UNSET,
     redact_keys: Sequence[str] | Unset = UNSET,
+    queue_duration_metric: bool | Unset = UNSET,
 ) -> _App:
     """Trace every background task; with ``app``, also make sure its requests are traced.
 
@@ -101,6 +102,8 @@ def instrument(
         capture_args: record task arguments on spans, secrets redacted (default False: never recorded).
         capture_args_max_length: characters per rendered argument (default 256, at least 16).
         redact_keys: more names whose values are redacted, on top of the built-in list.
+        queue_duration_metric: also record the queue delay as the histogram ``background_task.queue.duration``
+            (default False: it is always a span attribute; the histogram costs about half a span per task).
 
     Returns:
         The app to serve: ``app`` itself for Starlette and FastAPI, else the middleware around it.
@@ -118,6 +121,7 @@ def instrument(
         capture_args=capture_args,
         capture_args_max_length=capture_args_max_length,
         redact_keys=redact_keys,
+        queue_duration_metric=queue_duration_metric,
     )
     instrumentor = BackgroundTasksInstrumentor()
     instrumentor.instrument(tracer_provider=tracer_provider, meter_provider=meter_provider, **options)

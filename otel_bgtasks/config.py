@@ -48,6 +48,7 @@ class Options:
     capture_args: bool = False
     capture_args_max_length: int = 256
     redact_keys: tuple[str, ...] = ()
+    queue_duration_metric: bool = False
 
 
 def _parse_mode(value: object) -> Mode:
@@ -131,6 +132,7 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "capture_args": _parse_bool("capture_args"),
     "capture_args_max_length": _parse_length,
     "redact_keys": _parse_keys,
+    "queue_duration_metric": _parse_bool("queue_duration_metric"),
 }
 
 

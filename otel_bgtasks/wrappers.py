@@ -20,7 +20,7 @@ import anyio
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
 from otel_bgtasks import listeners, semconv
@@ -112,7 +112,9 @@ class TaskWrappers:
                 _logger.error("%s (at %s)", problem, state.site)
             if creator.is_recording():
                 creator.add_event(semconv.EVENT_INVALID, {semconv.PROBLEM: problem})
-        elif creator.is_recording():
+        elif self._link_mode and creator.is_recording():
+            # The task's span will be in another trace: leave a trail in this one. (In child mode the
+            # task span's parent and queue delay already say who queued it and when.)
             creator.add_event(semconv.EVENT_ENQUEUED, {semconv.CODE_FUNCTION_NAME: state.names.function_name})
         return problem
 
@@ -160,14 +162,20 @@ class TaskWrappers:
         execution = _execution(task)
         start_ns = time_ns() if start_ns is None else start_ns
         queue_duration = None if state.enqueued_ns is None else (start_ns - state.enqueued_ns) / 1e9
-        # All the start attributes in one dict: samplers see them, and the SDK takes them in one pass.
-        attributes: dict[str, AttributeValue] = {**names.attributes, semconv.EXECUTION: execution}
-        if state.index is not None:
-            attributes[semconv.INDEX] = state.index
-        if queue_duration is not None:
-            attributes[semconv.QUEUE_DURATION] = queue_duration
         creating = state.context
-        span = self._start_span(names.span_name, creating, attributes, start_ns)
+        parent = trace.get_current_span(creating)
+        parent_context = parent.get_span_context()
+        if not self._link_mode and parent_context.is_valid and not parent_context.trace_flags.sampled:
+            # Upstream said no: carry its non-recording context rather than ask the sampler again.
+            span = NonRecordingSpan(parent_context) if parent.is_recording() else parent
+        else:
+            # All the start attributes in one dict: samplers see them, and the SDK takes them in one pass.
+            attributes: dict[str, AttributeValue] = {**names.attributes, semconv.EXECUTION: execution}
+            if state.index is not None:
+                attributes[semconv.INDEX] = state.index
+            if queue_duration is not None:
+                attributes[semconv.QUEUE_DURATION] = queue_duration
+            span = self._start_span(names.span_name, creating, attributes, start_ns)
         run = TaskRun(task, state, execution, span, start_ns)
         # From here on the span exists: whatever fails, the run is returned so that the span is ended.
         with capture_internal_exceptions():
@@ -181,12 +189,13 @@ class TaskWrappers:
                     span.set_attributes({semconv.ARGS: args, semconv.KWARGS: kwargs})
         with capture_internal_exceptions():  # a broken meter must not lose the span
             self._metrics.started(run.names.function_name, execution)
-            if queue_duration is not None:
+            if queue_duration is not None and self._options.queue_duration_metric:
                 self._metrics.queue_duration.record(queue_duration, self._attributes(run, None, None))
         with capture_internal_exceptions():
-            run.token = otel_context.attach(
-                otel_context.set_value(_RUN_KEY, run, trace.set_span_in_context(span, creating))
-            )
+            context = trace.set_span_in_context(span, creating)
+            if execution is semconv.EXECUTION_THREADPOOL:  # only the thread-pool hand-off looks for the run
+                context = otel_context.set_value(_RUN_KEY, run, context)
+            run.token = otel_context.attach(context)
         return run
 
     def _start_span(self, name: str, creating: Context, attributes: dict[str, AttributeValue], start_ns: int) -> Span:
@@ -269,23 +278,23 @@ class TaskWrappers:
 
     def _annotate(self, run: TaskRun, end_ns: int) -> None:
         """End attributes and events, stamped no later than the span's end."""
+        # One set_attribute per value: for the usual two or three, cheaper than building a dict for set_attributes.
         span = run.span
-        attributes: dict[str, AttributeValue] = {semconv.OUTCOME: run.outcome}
+        span.set_attribute(semconv.OUTCOME, run.outcome)
         if run.blocking is not None:
-            attributes[semconv.BLOCKING_MAX] = run.blocking.max
+            span.set_attribute(semconv.BLOCKING_MAX, run.blocking.max)
             if self._blocked(run):
                 span.add_event(semconv.EVENT_LOOP_BLOCKED, {semconv.BLOCKING_MAX: run.blocking.max}, end_ns)
         if run.threadpool_wait is not None:
-            attributes[semconv.THREADPOOL_WAIT] = run.threadpool_wait
+            span.set_attribute(semconv.THREADPOOL_WAIT, run.threadpool_wait)
         if run.timeout is not None:
-            attributes[semconv.TIMEOUT] = run.timeout
+            span.set_attribute(semconv.TIMEOUT, run.timeout)
         error = run.error
         if error is not None:
-            attributes[semconv.ERROR_TYPE] = error_type(error)
+            span.set_attribute(semconv.ERROR_TYPE, error_type(error))
             message = _safe_str(error)
             _record_exception(span, error, message, end_ns)
             span.set_status(Status(StatusCode.ERROR, message or type(error).__qualname__))
-        span.set_attributes(attributes)
 
     def _blocked(self, run: TaskRun) -> bool:
         """Whether the task held the event loop for ``blocking_threshold`` or more."""

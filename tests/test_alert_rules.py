@@ -225,10 +225,10 @@ def stack_names(metrics_data: MetricsData, otlp_metrics: list[OtlpMetric]) -> St
 def test_the_app_produces_every_instrument_the_rules_watch(otlp_metrics: list[OtlpMetric]) -> None:
     produced = {metric.name: metric for metric in otlp_metrics}
     assert produced[semconv.METRIC_DURATION] == OtlpMetric(semconv.METRIC_DURATION, "s", "histogram")
-    assert produced[semconv.METRIC_THREADPOOL_WAIT] == OtlpMetric(semconv.METRIC_THREADPOOL_WAIT, "s", "histogram")
+    assert produced[semconv.THREADPOOL_WAIT] == OtlpMetric(semconv.THREADPOOL_WAIT, "s", "histogram")
     assert produced[semconv.METRIC_ACTIVE] == OtlpMetric(semconv.METRIC_ACTIVE, "{task}", "sum", monotonic=False)
     assert produced[semconv.METRIC_OUTCOMES] == OtlpMetric(semconv.METRIC_OUTCOMES, "{task}", "sum", monotonic=True)
-    blocked = getattr(semconv, "METRIC_BLOCKED", "background_task.blocked")
+    blocked = semconv.METRIC_BLOCKED
     assert produced[blocked] == OtlpMetric(blocked, "{task}", "sum", monotonic=True)
 
 
@@ -298,8 +298,8 @@ def test_rules_use_only_names_the_stack_produces(stack_names: StackNames) -> Non
 
 def test_rules_watch_every_health_metric(otlp_metrics: list[OtlpMetric]) -> None:
     used = {name for rule in rules() for name in promql_names(rule["expr"])[0]}
-    watched = {semconv.METRIC_DURATION, semconv.METRIC_THREADPOOL_WAIT, semconv.METRIC_ACTIVE, semconv.METRIC_OUTCOMES}
-    watched.add(getattr(semconv, "METRIC_BLOCKED", "background_task.blocked"))
+    watched = {semconv.METRIC_DURATION, semconv.THREADPOOL_WAIT, semconv.METRIC_ACTIVE, semconv.METRIC_OUTCOMES}
+    watched.add(semconv.METRIC_BLOCKED)
     for metric in otlp_metrics:
         if metric.name in watched:
             assert series_names(metric) & used, f"no rule uses {metric.name} ({sorted(series_names(metric))})"

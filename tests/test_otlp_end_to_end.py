@@ -429,8 +429,7 @@ def assert_task_trees(received: Received, service_name: str, server: Server) -> 
     creator = trees.parent(charge)
     assert trees.parent(receipt) is creator
     assert creator is order or order in trees.ancestors(creator)
-    enqueued = [event["code.function.name"] for event in creator.events_named("background_task.enqueued")]
-    assert enqueued == [f"{DEMO}.charge_card", f"{DEMO}.send_receipt"]
+    assert creator.events_named("background_task.enqueued") == []  # child mode: the parent says it
     # The request itself went well.
     assert order.status != STATUS_ERROR
     assert 200 in (order.attributes.get("http.response.status_code"), order.attributes.get("http.status_code"))
@@ -455,8 +454,7 @@ def assert_task_trees(received: Received, service_name: str, server: Server) -> 
     prepare = trees.parent(upload)
     assert prepare.name == "prepare export", trees.text
     assert sync_route in trees.ancestors(prepare)
-    enqueued = [event["code.function.name"] for event in prepare.events_named("background_task.enqueued")]
-    assert enqueued == [f"{DEMO}.upload_export"]
+    assert prepare.events_named("background_task.enqueued") == []
     return trees
 
 
