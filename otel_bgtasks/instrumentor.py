@@ -20,6 +20,7 @@ from otel_bgtasks.metrics import TaskMetrics
 from otel_bgtasks.package import _instruments  # pyright: ignore[reportPrivateUsage]
 from otel_bgtasks.peers import CONTRIB, ContribFastAPI, contrib_original_call
 from otel_bgtasks.sentry import SentryForwarder, sentry_installed
+from otel_bgtasks.setup_checks import arm
 from otel_bgtasks.version import __version__
 from otel_bgtasks.wrappers import TaskWrappers
 
@@ -106,6 +107,7 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
         meter_provider = kwargs.pop("meter_provider", None)
         options = resolve(kwargs)
         tracer = trace.get_tracer(__name__, __version__, tracer_provider)
+        arm(tracer_provider_given=tracer_provider is not None)
         arguments = (
             ArgumentCapture(options.capture_args_max_length, options.redact_keys) if options.capture_args else None
         )

@@ -31,6 +31,7 @@ from otel_bgtasks.metrics import TaskMetrics
 from otel_bgtasks.mistakes import creation_site, discard, invalid_task_problem, report_dropped
 from otel_bgtasks.naming import describe, error_type
 from otel_bgtasks.sentry import SentryForwarder, TaskFailure
+from otel_bgtasks.setup_checks import check_first_task
 from otel_bgtasks.task_state import STATE_ATTRIBUTE, TaskRun, TaskState, state_of
 
 _logger = logging.getLogger("otel_bgtasks")
@@ -148,6 +149,7 @@ class TaskWrappers:
         if queue_duration is not None:
             attributes[semconv.QUEUE_DURATION] = queue_duration
         creating = state.context
+        check_first_task(creating, names.function_name)
         span = self._start_span(names.span_name, creating, attributes, start_ns)
         run = TaskRun(task, state, execution, span, start_ns)
         run.timeout = names.timeout_or(self._options.timeout)
