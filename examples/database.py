@@ -26,10 +26,13 @@ queries traced with ``SQLAlchemyInstrumentor().instrument(engine=engine.sync_eng
 sessions are made with ``close_resets_only=False``: with SQLAlchemy's default, the wrong pattern
 silently opens a new transaction on the closed session instead of failing.
 
-Run it from the repository root, alone::
+Run it from the repository root, alone, with spans printed to the console:
 
-    opentelemetry-instrument --traces_exporter console --metrics_exporter none uvicorn examples.database:app
-    curl -X POST localhost:8000/audit-wrong
+.. code-block:: bash
+
+    opentelemetry-instrument --traces_exporter console --metrics_exporter none --logs_exporter none \\
+        uvicorn examples.database:app
+    curl -X POST localhost:8000/audit-wrong   # from another terminal
 
 ``examples/fastapi_app.py`` serves these routes along with the others.
 """

@@ -10,12 +10,14 @@ The routes (their code is in ``otel_bgtasks/demo_app.py``, which ``otel-bgtasks 
 - ``POST /audit`` and ``POST /audit-wrong``: a task writing to a database with its own session (right)
   or the request's, closed by then (wrong); see ``examples/database.py``.
 
-Run it, from the repository root, with spans printed to the console::
+Run it, from the repository root, with spans printed to the console:
 
-    pip install 'otel_bgtasks[demo]' opentelemetry-distro
-    opentelemetry-instrument --traces_exporter console --metrics_exporter none \\
+.. code-block:: bash
+
+    pip install 'otel_bgtasks[demo]'
+    opentelemetry-instrument --traces_exporter console --metrics_exporter none --logs_exporter none \\
         uvicorn examples.fastapi_app:app
-    curl -X POST localhost:8000/order
+    curl -X POST localhost:8000/order   # from another terminal
 
 or see every route's trace as a tree, with no server to start: ``otel-bgtasks demo``.
 """

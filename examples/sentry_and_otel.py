@@ -1,11 +1,13 @@
 """Sentry and OpenTelemetry together: each background-task failure is one Sentry event, tagged with its trace.
 
-Run it (SENTRY_DSN from your Sentry project; without it Sentry stays off and nothing else changes)::
+Run it (SENTRY_DSN from your Sentry project; without it Sentry stays off and nothing else changes):
+
+.. code-block:: bash
 
     pip install 'otel_bgtasks[sentry,demo]'
     SENTRY_DSN=https://<key>@<org>.ingest.sentry.io/<project> \\
     OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4318 uvicorn examples.sentry_and_otel:app
-    curl -X POST localhost:8000/orders/42
+    curl -X POST localhost:8000/orders/42   # from another terminal
 
 The Sentry issue shows the tags ``background_task``, ``otel.trace_id`` and ``otel.span_id``; open
 ``http://localhost:16686/trace/<otel.trace_id>`` (the docker compose stack's Jaeger) to see the request

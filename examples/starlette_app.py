@@ -3,12 +3,14 @@
 - ``GET /single``: ``Response(background=BackgroundTask(func, ...))``, one task.
 - ``GET /many``: ``BackgroundTasks``, several tasks run in order after the response; the second fails.
 
-Run it from the repository root::
+Run it from the repository root, with spans printed to the console:
 
-    pip install 'otel_bgtasks[demo]' opentelemetry-distro
-    opentelemetry-instrument --traces_exporter console --metrics_exporter none \\
+.. code-block:: bash
+
+    pip install 'otel_bgtasks[demo]'
+    opentelemetry-instrument --traces_exporter console --metrics_exporter none --logs_exporter none \\
         uvicorn examples.starlette_app:app
-    curl localhost:8000/many
+    curl localhost:8000/many   # from another terminal
 """
 
 import asyncio

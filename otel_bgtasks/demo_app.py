@@ -127,7 +127,9 @@ engine: AsyncEngine = create_async_engine("sqlite+aiosqlite:///:memory:", poolcl
 Session = async_sessionmaker(engine, expire_on_commit=False, close_resets_only=False)
 # Every query becomes a span, under whatever span is current: the request's or the task's.
 # skip_dep_check: the instrumentation declares sqlalchemy < 2.1 and would refuse 2.1, which it traces fine.
-SQLAlchemyInstrumentor().instrument(engine=engine.sync_engine, skip_dep_check=True)
+# Under opentelemetry-instrument it is on already, for every engine made since: a second call would only warn.
+if not SQLAlchemyInstrumentor().is_instrumented_by_opentelemetry:
+    SQLAlchemyInstrumentor().instrument(engine=engine.sync_engine, skip_dep_check=True)
 
 
 class Base(DeclarativeBase):

@@ -21,6 +21,7 @@ from otel_bgtasks.listeners import add_listener, remove_listener
 from otel_bgtasks.metrics import task_metrics
 from otel_bgtasks.package import _instruments  # pyright: ignore[reportPrivateUsage]
 from otel_bgtasks.sentry import SentryForwarder, sentry_installed
+from otel_bgtasks.setup_checks import arm
 from otel_bgtasks.wrappers import TaskWrappers
 
 instrumentor_lock = threading.RLock()
@@ -137,6 +138,7 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
         options = resolve({k: v for k, v in kwargs.items() if k not in _BASE_INSTRUMENTOR_ARGUMENTS})
         self._options = options
         self._providers = (tracer_provider, meter_provider)
+        arm(tracer_provider_given=tracer_provider is not None)
         arguments = (
             ArgumentCapture(options.capture_args_max_length, options.redact_keys) if options.capture_args else None
         )

@@ -31,6 +31,7 @@ from otel_bgtasks.guard import capture_internal_exceptions, internal_error
 from otel_bgtasks.metrics import TaskMetrics
 from otel_bgtasks.mistakes import creation_site, discard, invalid_task_problem, report_dropped
 from otel_bgtasks.naming import describe, error_type
+from otel_bgtasks.setup_checks import check_first_task
 from otel_bgtasks.task_state import STATE_ATTRIBUTE, TaskRun, TaskState, state_of
 from otel_bgtasks.version import __version__
 
@@ -163,6 +164,7 @@ class TaskWrappers:
         start_ns = time_ns() if start_ns is None else start_ns
         queue_duration = None if state.enqueued_ns is None else (start_ns - state.enqueued_ns) / 1e9
         creating = state.context
+        check_first_task(creating, names.function_name)
         parent = trace.get_current_span(creating)
         parent_context = parent.get_span_context()
         if not self._link_mode and parent_context.is_valid and not parent_context.trace_flags.sampled:

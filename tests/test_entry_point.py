@@ -1,8 +1,8 @@
 """Zero-code instrumentation: ``opentelemetry-instrument`` finds otel_bgtasks through its entry point.
 
 The subprocess tests run a real ``opentelemetry-instrument`` (opentelemetry-distro configures the SDK)
-on a script that never mentions otel_bgtasks: it serves one request in-process and prints, as JSON,
-the spans an in-memory exporter it adds to the global provider received.
+on a script that never mentions otel_bgtasks: it serves requests in-process (inside a "client" span,
+or not) and prints, as JSON, the spans an in-memory exporter it adds to the global provider received.
 """
 
 from __future__ import annotations
@@ -12,15 +12,24 @@ import os
 import subprocess
 import sys
 import textwrap
-from importlib.metadata import entry_points
+from importlib.metadata import entry_points, version
 from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry.instrumentation.dependencies import get_dependency_conflicts
+from opentelemetry.instrumentation.starlette.package import _instruments as starlette_instruments
 
 import otel_bgtasks
 
 INSTRUMENT = Path(sys.executable).parent / "opentelemetry-instrument"
+# opentelemetry-instrument skips an instrumentation whose declared range excludes the installed library:
+# opentelemetry-instrumentation-starlette before 0.55b0 declares Starlette 0.13 only.
+STARLETTE_REQUEST_SPANS = get_dependency_conflicts(starlette_instruments) is None
+STARLETTE_TOO_OLD = (
+    f"opentelemetry-instrumentation-starlette {version('opentelemetry-instrumentation-starlette')} declares "
+    f"{', '.join(starlette_instruments)}, not Starlette {version('starlette')}: request spans need 0.55b0 or newer"
+)
 TIMEOUT_SECONDS = 60
 MARKER = "SPANS-JSON:"
 
@@ -38,8 +47,10 @@ SCRIPT = textwrap.dedent(
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     exporter = InMemorySpanExporter()
-    # opentelemetry-distro has installed the SDK provider before this script runs.
-    trace.get_tracer_provider().add_span_processor(SimpleSpanProcessor(exporter))
+    # opentelemetry-distro has installed the SDK provider before this script runs, unless it failed to.
+    provider = trace.get_tracer_provider()
+    if hasattr(provider, "add_span_processor"):
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
     tracer = trace.get_tracer("script")
     ran = []
     creating = []
@@ -78,10 +89,16 @@ SCRIPT = textwrap.dedent(
 
     async def main():
         transport = httpx.ASGITransport(app=app)
+        statuses = set()
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            with tracer.start_as_current_span("client"):
-                response = await client.get("/")
-        return response.status_code
+            for _ in range(int(sys.argv[4])):
+                if sys.argv[3] == "client":
+                    with tracer.start_as_current_span("client"):
+                        statuses.add((await client.get("/")).status_code)
+                else:
+                    statuses.add((await client.get("/")).status_code)
+        (status,) = statuses
+        return status
 
 
     status = asyncio.run(main())
@@ -118,19 +135,32 @@ SCRIPT = textwrap.dedent(
 ).replace("MARKER", MARKER)
 
 
-def run_instrumented(tmp_path: Path, app_kind: str, **env: str) -> dict[str, Any]:
+def run_instrumented(
+    tmp_path: Path, app_kind: str, *, client: bool = True, requests: int = 1, **env: str
+) -> dict[str, Any]:
+    """The script's result, plus its stderr under "stderr"."""
     script = tmp_path / "serve_one_request.py"
     script.write_text(SCRIPT)
     environ = {key: value for key, value in os.environ.items() if not key.startswith(("OTEL_", "FASTAPI_OTEL_"))}
     environ.update(
-        OTEL_TRACES_EXPORTER="none",
-        OTEL_METRICS_EXPORTER="none",
-        OTEL_LOGS_EXPORTER="none",
-        OTEL_SERVICE_NAME="entry-point-test",
-        **env,
+        {
+            "OTEL_TRACES_EXPORTER": "none",
+            "OTEL_METRICS_EXPORTER": "none",
+            "OTEL_LOGS_EXPORTER": "none",
+            "OTEL_SERVICE_NAME": "entry-point-test",
+            **env,
+        }
     )
     completed = subprocess.run(
-        [str(INSTRUMENT), sys.executable, str(script), app_kind, otel_bgtasks.__name__],
+        [
+            str(INSTRUMENT),
+            sys.executable,
+            str(script),
+            app_kind,
+            otel_bgtasks.__name__,
+            "client" if client else "bare",
+            str(requests),
+        ],
         cwd=tmp_path,
         env=environ,
         capture_output=True,
@@ -143,8 +173,9 @@ def run_instrumented(tmp_path: Path, app_kind: str, **env: str) -> dict[str, Any
     assert len(lines) == 1, (completed.stdout, completed.stderr)
     result: dict[str, Any] = json.loads(lines[0][len(MARKER) :])
     assert result["status"] == 200, completed.stderr
-    assert result["ran"] == [7]
-    assert len(result["creating"]) == 1
+    assert result["ran"] == [7] * requests
+    assert len(result["creating"]) == requests
+    result["stderr"] = completed.stderr
     return result
 
 
@@ -188,32 +219,55 @@ def test_opentelemetry_instrument_traces_tasks_without_code_changes(tmp_path: Pa
         assert "background_task.index" not in attributes
     assert task["links"] == []
 
-    # Its parent is the span current in the route: the client span for bare Starlette (nothing else
-    # traces it), contrib's request span for FastAPI (opentelemetry-instrument loads that too; it is
-    # INTERNAL, under the client span, because the request is served in-process).
+    # Its parent is the span current in the route: the request span of contrib's FastAPI or Starlette
+    # instrumentation (opentelemetry-instrument loads those too; under the client span, because the request
+    # is served in-process), or for Starlette with an instrumentation too old for it, the client span.
     (creating_id,) = result["creating"]
     (creator,) = [s for s in result["spans"] if s["span_id"] == creating_id]
     assert task["parent_id"] == creating_id
     assert task["trace_id"] == creator["trace_id"]
-    if app_kind == "starlette":
+    if app_kind == "starlette" and not STARLETTE_REQUEST_SPANS:
         assert creator["name"] == "client"
     else:
         assert creator["name"] == "GET /"
         assert creator["parent_id"] == the_span(result, "client")["span_id"]
         assert not spans_named(result, "fastapi.background_task")
+    assert "otel_bgtasks" not in result["stderr"]  # no set-up warning: there is a span to belong to
 
 
-def test_disabled_instrumentation_gives_no_task_span(tmp_path: Path) -> None:
-    result = run_instrumented(tmp_path, "starlette", OTEL_PYTHON_DISABLED_INSTRUMENTATIONS="background_tasks")
-    assert not result["probe_imported"]
-    # The SDK is configured and exporting (the client span is there), but no task span.
-    assert len(spans_named(result, "client")) == 1
-    assert [s["name"] for s in result["spans"] if s["name"].startswith("BackgroundTask")] == []
-    assert all("background_task.outcome" not in s["attributes"] for s in result["spans"])
+@pytest.mark.skipif(not STARLETTE_REQUEST_SPANS, reason=STARLETTE_TOO_OLD)
+def test_plain_starlette_app_gets_request_spans(tmp_path: Path) -> None:
+    result = run_instrumented(tmp_path, "starlette", client=False)
+    task = the_span(result, "BackgroundTask deliver_order")
+    (request,) = [s for s in result["spans"] if s["kind"] == "SERVER"]
+    assert result["creating"] == [request["span_id"]]
+    assert task["parent_id"] == request["span_id"]
+    assert request["parent_id"] is None
+    assert "no span current" not in result["stderr"]
+
+
+def test_task_with_no_request_span_logs_one_warning_naming_what_to_install(tmp_path: Path) -> None:
+    # What a plain Starlette app gets when nothing traces its requests (here: the instrumentation is off).
+    result = run_instrumented(
+        tmp_path, "starlette", client=False, requests=2, OTEL_PYTHON_DISABLED_INSTRUMENTATIONS="starlette"
+    )
+    tasks = spans_named(result, "BackgroundTask deliver_order")
+    assert len(tasks) == 2
+    assert all(task["parent_id"] is None for task in tasks)
+    warnings = [line for line in result["stderr"].splitlines() if "no span current" in line]
+    assert len(warnings) == 1, result["stderr"]
+    assert warnings[0].startswith("Background task __main__.deliver_order started with no span current")
+    assert "pip install 'opentelemetry-instrumentation-starlette>=0.55b0'" in warnings[0]
+    assert "otel_bgtasks.instrument(app)" in warnings[0]
+    assert "No OpenTelemetry SDK" not in result["stderr"]
 
 
 def test_mode_from_environment_makes_task_span_a_linked_root(tmp_path: Path) -> None:
-    result = run_instrumented(tmp_path, "starlette", OTEL_PYTHON_BGTASKS_MODE="link")
+    # The client span creates the task and is still open when it runs, to take the link back; a
+    # request span would have ended by then.
+    result = run_instrumented(
+        tmp_path, "starlette", OTEL_PYTHON_BGTASKS_MODE="link", OTEL_PYTHON_DISABLED_INSTRUMENTATIONS="starlette"
+    )
     client = the_span(result, "client")
     task = the_span(result, "BackgroundTask deliver_order")
     assert result["creating"] == [client["span_id"]]

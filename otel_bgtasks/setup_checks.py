@@ -1,0 +1,65 @@
+"""Two set-up mistakes that leave task spans unseen or alone, each said once, when the first task starts.
+
+Both are silent otherwise: with no SDK, every span goes nowhere; with nothing tracing the requests
+(a plain Starlette app under ``opentelemetry-instrument`` without the Starlette instrumentation), each
+task span is the root of a trace of its own. The first task tells: after it, checking costs one flag.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+
+_logger = logging.getLogger("otel_bgtasks")
+
+NO_SDK = (
+    "No OpenTelemetry SDK is set up: the global tracer provider is still the API's default, so every span, "
+    "background tasks' included, goes nowhere. Under opentelemetry-instrument, look above for 'Failed to auto "
+    "initialize OpenTelemetry' (a missing exporter: pip install 'otel_bgtasks[zero-code]', or pass "
+    "--traces_exporter/--metrics_exporter/--logs_exporter); in code, call "
+    "opentelemetry.trace.set_tracer_provider(TracerProvider(...)) before the first request, or pass "
+    "tracer_provider= to otel_bgtasks.instrument()."
+)
+NO_REQUEST_SPAN = (
+    "Background task %s started with no span current where it was queued: its span starts a trace of its own, "
+    "tied to no request, and so will every task of a request nothing traces. Pass the app to "
+    "otel_bgtasks.instrument(app), which adds request spans; under opentelemetry-instrument, install the "
+    "instrumentation of the framework: pip install 'opentelemetry-instrumentation-starlette>=0.55b0' (older "
+    "releases declare Starlette 0.13 only, and opentelemetry-instrument skips them) or "
+    "opentelemetry-instrumentation-fastapi; pip install 'otel_bgtasks[zero-code]' brings both."
+)
+
+_lock = threading.Lock()
+_pending = False  # set by arm() at each instrument(), cleared by the first task that starts
+_tracer_provider_given = False
+
+
+def arm(tracer_provider_given: bool) -> None:
+    """Check the next task to start: called by each ``instrument()``.
+
+    Args:
+        tracer_provider_given: whether ``instrument()`` got a ``tracer_provider``; then the global one,
+            default or not, is not ours to judge.
+    """
+    global _pending, _tracer_provider_given
+    with _lock:
+        _pending = True
+        _tracer_provider_given = tracer_provider_given
+
+
+def check_first_task(creating: Context, task_name: str) -> None:
+    """At the first task since ``instrument()``: warn if no SDK is set up, or else if no span created the task."""
+    global _pending
+    if not _pending:
+        return
+    with _lock:
+        if not _pending:
+            return
+        _pending = False
+    if not _tracer_provider_given and isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        _logger.warning(NO_SDK)  # no request span either, then: this is the cause
+    elif not trace.get_current_span(creating).get_span_context().is_valid:
+        _logger.warning(NO_REQUEST_SPAN, task_name)
