@@ -39,12 +39,17 @@ TIMEOUT: Final = "background_task.timeout"
 PROBLEM: Final = "background_task.problem"
 ARGS: Final = "background_task.args"  # only with capture_args=True
 KWARGS: Final = "background_task.kwargs"
+DIAGNOSIS: Final = "background_task.diagnosis"  # a known mistake behind a failure (diagnosis.py)
 
 OUTCOME_TIMEOUT: Final = "timeout"
 OUTCOME_DROPPED: Final = "dropped"
 
+DIAGNOSIS_EVENT_LOOP_CONFLICT: Final = "event_loop_conflict"
+DIAGNOSIS_SESSION_OUTSIDE_REQUEST: Final = "session_outside_request"
+
 EVENT_EVENT_LOOP_BLOCKED: Final = "background_task.event_loop_blocked"
 EVENT_INVALID: Final = "background_task.invalid"
+EVENT_SESSION_HANDED_OVER: Final = "background_task.session_handed_over"
 
 # Metrics, all under the meter "otel_bgtasks".
 METRIC_DURATION: Final = "background_task.duration"

@@ -23,6 +23,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span
 
 from otel_bgtasks.arguments import ArgumentCapture
+from otel_bgtasks.diagnosis import diagnose
 
 MECHANISM: Final = "otel_bgtasks"
 _OURS: Final = "otel_bgtasks_event"  # hint key marking the events we capture ourselves
@@ -109,14 +110,19 @@ class SentryForwarder:
         # Named in the event itself: Sentry's request integrations only fill in a name that is missing.
         event["transaction"] = f"BackgroundTask {failure.qualname}"
         event["transaction_info"] = {"source": "component"}  # named after a function; kept by every version
+        context = self._context(failure, send_arguments)
         with sentry_sdk.new_scope() as scope:
             scope.set_tag("background_task", failure.qualname)
             scope.set_tag("background_task.outcome", failure.outcome)
+            diagnosis = diagnose(failure.error)  # causes 2 and 5: a known mistake, and its fix
+            if diagnosis is not None:
+                scope.set_tag("background_task.diagnosis", diagnosis.value)
+                context.update(diagnosis=diagnosis.value, hint=diagnosis.hint)
             scope.set_tag("otel.trace_id", trace.format_trace_id(span_context.trace_id))
             scope.set_tag("otel.span_id", trace.format_span_id(span_context.span_id))
             if route is not None:
                 scope.set_tag("http.route", route)
-            scope.set_context("background_task", self._context(failure, send_arguments))
+            scope.set_context("background_task", context)
             for name in failure.skipped:
                 scope.add_breadcrumb(
                     category="background_task",

@@ -26,6 +26,7 @@ from otel_bgtasks import semconv
 from otel_bgtasks.arguments import ArgumentCapture
 from otel_bgtasks.blocking import LoopHoldTimer
 from otel_bgtasks.config import Options
+from otel_bgtasks.diagnosis import diagnose, handed_over_session, warn_handed_over_session
 from otel_bgtasks.guard import internal_error
 from otel_bgtasks.metrics import TaskMetrics
 from otel_bgtasks.mistakes import creation_site, discard, invalid_task_problem, report_dropped
@@ -158,6 +159,10 @@ class TaskWrappers:
                 span.set_attributes({semconv.ARGS: args, semconv.KWARGS: kwargs})
             if self._link_mode:
                 _link_back(trace.get_current_span(creating), span)
+        handed_over = handed_over_session(task.args, task.kwargs)  # cause 5, seen before it fails
+        if handed_over is not None:
+            warn_handed_over_session(names.function_name, handed_over)
+            span.add_event(semconv.EVENT_SESSION_HANDED_OVER, {semconv.PROBLEM: handed_over})
         try:  # a broken meter must not lose the span
             self._metrics.started(run.metric_key)
             if queue_duration is not None:
@@ -270,6 +275,9 @@ class TaskWrappers:
             attributes[semconv.ERROR_TYPE] = error_type(error)
             span.record_exception(error)
             span.set_status(Status(StatusCode.ERROR, str(error) or type(error).__qualname__))
+            diagnosis = diagnose(error)  # causes 2 and 5: a known mistake behind the error
+            if diagnosis is not None:
+                attributes[semconv.DIAGNOSIS] = diagnosis.value
         span.set_attributes(attributes)
 
     def _blocked(self, run: TaskRun) -> bool:
@@ -441,15 +449,20 @@ def _log_failure(run: TaskRun, outcome: str, error: BaseException) -> None:
     span_context = run.span.get_span_context()
     trace_id = trace.format_trace_id(span_context.trace_id)
     span_id = trace.format_span_id(span_context.span_id)
+    extra = {"otelTraceID": trace_id, "otelSpanID": span_id, "background_task": run.names.function_name}
+    diagnosis = diagnose(error)  # causes 2 and 5: the fix, in the one line people read
+    if diagnosis is not None:
+        extra[semconv.DIAGNOSIS] = diagnosis.value
     _logger.error(
-        "Background task %s failed (%s): %s [trace_id=%s span_id=%s]",
+        "Background task %s failed (%s): %s [trace_id=%s span_id=%s]%s",
         run.names.function_name,
         outcome,
         error_type(error),
         trace_id,
         span_id,
+        "" if diagnosis is None else f" Hint: {diagnosis.hint}",
         exc_info=error,
-        extra={"otelTraceID": trace_id, "otelSpanID": span_id, "background_task": run.names.function_name},
+        extra=extra,
     )
 
 
