@@ -29,6 +29,7 @@ TIMEOUT: Final = "background_task.timeout"
 PROBLEM: Final = "background_task.problem"
 ARGS: Final = "background_task.args"  # only with capture_args=True
 KWARGS: Final = "background_task.kwargs"
+DIAGNOSIS: Final = "background_task.diagnosis"  # a known mistake behind a failure (diagnosis.py)
 
 # Values of background_task.execution and background_task.outcome.
 EXECUTION_ASYNC: Final = "async"
@@ -41,10 +42,15 @@ OUTCOME_CANCELLED: Final = "cancelled"
 OUTCOME_TIMEOUT: Final = "timeout"
 OUTCOME_DROPPED: Final = "dropped"  # metrics only: a dropped task has no span
 
+# Values of background_task.diagnosis.
+DIAGNOSIS_EVENT_LOOP_CONFLICT: Final = "event_loop_conflict"
+DIAGNOSIS_SESSION_OUTSIDE_REQUEST: Final = "session_outside_request"
+
 # Span events.
 EVENT_ENQUEUED: Final = "background_task.enqueued"
 EVENT_INVALID: Final = "background_task.invalid"
 EVENT_LOOP_BLOCKED: Final = "background_task.event_loop_blocked"
+EVENT_SESSION_HANDED_OVER: Final = "background_task.session_handed_over"
 
 # Metrics, all under the meter "otel_bgtasks" (and QUEUE_DURATION, THREADPOOL_WAIT above).
 METRIC_DURATION: Final = "background_task.duration"

@@ -92,6 +92,8 @@ class SentryForwarder(TaskListener):
         with sentry_sdk.new_scope() as scope:
             scope.set_tag("background_task", qualname)
             scope.set_tag("background_task.outcome", run.outcome)
+            if run.diagnosis is not None:  # causes 2 and 5: a known mistake, and its fix
+                scope.set_tag("background_task.diagnosis", run.diagnosis.value)
             scope.set_tag("otel.trace_id", trace.format_trace_id(span_context.trace_id))
             scope.set_tag("otel.span_id", trace.format_span_id(span_context.span_id))
             if route is not None:
@@ -116,6 +118,8 @@ class SentryForwarder(TaskListener):
         }
         if run.state.index is not None:
             context["index"] = run.state.index
+        if run.diagnosis is not None:
+            context["diagnosis"], context["hint"] = run.diagnosis.value, run.diagnosis.hint
         if send_arguments and self._arguments is not None:
             task = run.task
             context["args"], context["kwargs"] = self._arguments.render(task.func, task.args, task.kwargs)

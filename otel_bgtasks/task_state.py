@@ -16,6 +16,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Span
 
 from otel_bgtasks.blocking import BlockingTimer
+from otel_bgtasks.diagnosis import Diagnosis
 from otel_bgtasks.naming import FunctionNames, describe
 
 STATE_ATTRIBUTE: Final = "_otel_bgtasks_state"
@@ -59,6 +60,7 @@ class TaskRun:
 
     __slots__ = (
         "blocking",
+        "diagnosis",
         "error",
         "execution",
         "handed_off",
@@ -95,6 +97,7 @@ class TaskRun:
         self.queue_duration: float | None = None
         self.outcome = ""  # set when the run ends
         self.error: BaseException | None = None  # the failure to report; cleared once reported
+        self.diagnosis: Diagnosis | None = None  # why it failed, when that is a known mistake
         self.skipped: list[str] = []  # tasks of the same BackgroundTasks left unrun because this one failed
 
     @property

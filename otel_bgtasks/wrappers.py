@@ -27,6 +27,7 @@ from otel_bgtasks import listeners, semconv
 from otel_bgtasks.arguments import ArgumentCapture
 from otel_bgtasks.blocking import BlockingTimer
 from otel_bgtasks.config import Options
+from otel_bgtasks.diagnosis import diagnose, handed_over_session, warn_handed_over_session
 from otel_bgtasks.guard import capture_internal_exceptions, internal_error
 from otel_bgtasks.metrics import TaskMetrics
 from otel_bgtasks.mistakes import creation_site, discard, invalid_task_problem, report_dropped
@@ -189,6 +190,11 @@ class TaskWrappers:
                 if self._arguments is not None:
                     args, kwargs = self._arguments.render(task.func, task.args, task.kwargs)
                     span.set_attributes({semconv.ARGS: args, semconv.KWARGS: kwargs})
+        with capture_internal_exceptions():
+            handed_over = handed_over_session(task.args, task.kwargs)  # cause 5, seen before it fails
+            if handed_over is not None:
+                warn_handed_over_session(names.function_name, handed_over)
+                span.add_event(semconv.EVENT_SESSION_HANDED_OVER, {semconv.PROBLEM: handed_over})
         with capture_internal_exceptions():  # a broken meter must not lose the span
             self._metrics.started(run.names.function_name, execution)
             if queue_duration is not None and self._options.queue_duration_metric:
@@ -223,6 +229,8 @@ class TaskWrappers:
                 run.token = None  # the context holds the run: let both go as soon as the task does
         with capture_internal_exceptions():
             run.outcome, run.error = self._classify(run, exc, duration)
+            if run.error is not None:
+                run.diagnosis = diagnose(run.error)  # causes 2 and 5: a known mistake behind the error
             if run.span.is_recording():
                 self._annotate(run, end_ns)
         with capture_internal_exceptions():
@@ -297,6 +305,8 @@ class TaskWrappers:
             message = _safe_str(error)
             _record_exception(span, error, message, end_ns)
             span.set_status(Status(StatusCode.ERROR, message or type(error).__qualname__))
+            if run.diagnosis is not None:
+                span.set_attribute(semconv.DIAGNOSIS, run.diagnosis.value)
 
     def _blocked(self, run: TaskRun) -> bool:
         """Whether the task held the event loop for ``blocking_threshold`` or more."""
@@ -553,13 +563,21 @@ def _log_failure(run: TaskRun, error: BaseException) -> None:
     span_context = run.span.get_span_context()
     trace_id = trace.format_trace_id(span_context.trace_id)
     span_id = trace.format_span_id(span_context.span_id)
+    diagnosis = run.diagnosis
     record = _logger.makeRecord(
         _logger.name,
         logging.ERROR,
         __file__,
         0,
-        "Background task %s failed (%s): %s [trace_id=%s span_id=%s]",
-        (run.names.function_name, run.outcome, error_type(error), trace_id, span_id),
+        "Background task %s failed (%s): %s [trace_id=%s span_id=%s]%s",
+        (
+            run.names.function_name,
+            run.outcome,
+            error_type(error),
+            trace_id,
+            span_id,
+            "" if diagnosis is None else f" Hint: {diagnosis.hint}",  # the fix, in the one line people read
+        ),
         (type(error), error, error.__traceback__),
         "_log_failure",
     )
@@ -567,6 +585,8 @@ def _log_failure(run: TaskRun, error: BaseException) -> None:
     record.otelSpanID = span_id
     record.otelTraceSampled = span_context.trace_flags.sampled
     record.background_task = run.names.function_name
+    if diagnosis is not None:
+        setattr(record, semconv.DIAGNOSIS, diagnosis.value)
     _logger.handle(record)
 
 
