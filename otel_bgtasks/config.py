@@ -34,6 +34,7 @@ class Options:
     capture_args: bool = False
     capture_args_max_length: int = 256
     redact_keys: tuple[str, ...] = ()
+    request_metrics_end_at_response: bool = True
 
 
 def _parse_mode(value: object) -> Mode:
@@ -117,6 +118,7 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "capture_args": _parse_bool("capture_args"),
     "capture_args_max_length": _parse_length,
     "redact_keys": _parse_keys,
+    "request_metrics_end_at_response": _parse_bool("request_metrics_end_at_response"),
 }
 
 
