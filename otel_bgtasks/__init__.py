@@ -77,6 +77,7 @@ def instrument(
     capture_args_max_length: int | Unset = UNSET,
     redact_keys: Sequence[str] | Unset = UNSET,
     queue_duration_metric: bool | Unset = UNSET,
+    request_metrics_end_at_response: bool | Unset = UNSET,
 ) -> _App:
     """Trace every background task; with ``app``, also make sure its requests are traced.
 
@@ -104,6 +105,9 @@ def instrument(
         redact_keys: more names whose values are redacted, on top of the built-in list.
         queue_duration_metric: also record the queue delay as the histogram ``background_task.queue.duration``
             (default False: it is always a span attribute; the histogram costs about half a span per task).
+        request_metrics_end_at_response: end the request metrics of opentelemetry-instrumentation-asgi's
+            middleware (``http.server.*duration``, ``http.server.active_requests``) when the response is
+            complete, not after the background tasks (default True).
 
     Returns:
         The app to serve: ``app`` itself for Starlette and FastAPI, else the middleware around it.
@@ -122,6 +126,7 @@ def instrument(
         capture_args_max_length=capture_args_max_length,
         redact_keys=redact_keys,
         queue_duration_metric=queue_duration_metric,
+        request_metrics_end_at_response=request_metrics_end_at_response,
     )
     instrumentor = BackgroundTasksInstrumentor()
     instrumentor.instrument(tracer_provider=tracer_provider, meter_provider=meter_provider, **options)

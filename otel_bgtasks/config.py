@@ -49,6 +49,7 @@ class Options:
     capture_args_max_length: int = 256
     redact_keys: tuple[str, ...] = ()
     queue_duration_metric: bool = False
+    request_metrics_end_at_response: bool = True
 
 
 def _parse_mode(value: object) -> Mode:
@@ -133,6 +134,7 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "capture_args_max_length": _parse_length,
     "redact_keys": _parse_keys,
     "queue_duration_metric": _parse_bool("queue_duration_metric"),
+    "request_metrics_end_at_response": _parse_bool("request_metrics_end_at_response"),
 }
 
 

@@ -13,6 +13,7 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type:
 from opentelemetry.instrumentation.utils import unwrap
 from wrapt import register_post_import_hook, wrap_function_wrapper
 
+from otel_bgtasks import request_metrics
 from otel_bgtasks.arguments import ArgumentCapture
 from otel_bgtasks.config import Options, differences, resolve
 from otel_bgtasks.contrib_fastapi import CONTRIB, ContribFastAPICoordinator, contrib_original_call
@@ -155,6 +156,8 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
         wrap_function_wrapper(background, "BackgroundTasks.__call__", wrappers.call_tasks)
         wrap_function_wrapper(background, "run_in_threadpool", wrappers.run_in_threadpool)
         self._contrib.install()
+        if options.request_metrics_end_at_response:
+            request_metrics.install()
         for name in _LAZY:
             if name in sys.modules:
                 self.patch_lazy(sys.modules[name])
@@ -188,6 +191,7 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
         if self._contrib is not None:
             self._contrib.remove()
             self._contrib = None
+        request_metrics.remove()
         if self._wrappers is not None:
             self._wrappers.retired = True
             self._wrappers = None
