@@ -24,6 +24,12 @@ class TaskListener:
     def task_dropped(self, state: TaskState) -> None:
         """A task was garbage-collected without ever running."""
 
+    def task_invalid(self, state: TaskState, problem: str) -> None:
+        """``add_task``/``BackgroundTask`` was given something that can never run (``problem`` says what, and the fix)."""
+
+    def task_blocked(self, run: TaskRun) -> None:
+        """An ``async def`` task held the event loop for ``blocking_threshold`` or more (``run.blocking.max``)."""
+
 
 _lock = threading.Lock()
 # Read on every task without the lock: replaced whole, never mutated, so a reader sees one version.

@@ -112,6 +112,9 @@ class TaskWrappers:
             state.settled = True  # already reported, and it could never run
             if not self._options.strict:
                 _logger.error("%s (at %s)", problem, state.site)
+            for listener in listeners.active:
+                with capture_internal_exceptions():
+                    listener.task_invalid(state, problem)
             if creator.is_recording():
                 creator.add_event(semconv.EVENT_INVALID, {semconv.PROBLEM: problem})
         elif self._link_mode and creator.is_recording():
@@ -319,6 +322,9 @@ class TaskWrappers:
         assert run.blocking is not None
         name = run.names.function_name
         self._metrics.blocked(name, run.execution)
+        for listener in listeners.active:
+            with capture_internal_exceptions():
+                listener.task_blocked(run)
         if name in self._warned_blocking:  # once per function: the span event shows every occurrence
             return
         if len(self._warned_blocking) < 4096:
