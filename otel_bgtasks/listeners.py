@@ -25,7 +25,7 @@ class TaskListener:
         """A task was garbage-collected without ever running."""
 
     def task_invalid(self, state: TaskState, problem: str) -> None:
-        """``add_task``/``BackgroundTask`` was given something that can never run (``problem`` says what, and the fix)."""
+        """``add_task`` was given something that can never run; ``problem`` says what, and the fix."""
 
     def task_blocked(self, run: TaskRun) -> None:
         """An ``async def`` task held the event loop for ``blocking_threshold`` or more (``run.blocking.max``)."""
