@@ -1,23 +1,26 @@
 """How a task's function is named in spans.
 
-Starlette accepts any callable: plain and async functions, bound methods, ``functools.partial`` and
-objects with ``__call__``. Each gets the name a person would look for in their own code.
+Starlette accepts any callable: plain and async functions, bound methods, ``functools.partial``,
+decorated functions, classes and objects with ``__call__``. Each gets the name a person would look for
+in their own code: the innermost function a decorator wraps (``inspect.unwrap``), the class a callable
+object or a class used as a task belongs to, ``builtins.print`` for a builtin. Names are computed once
+per callable (see :mod:`otel_bgtasks.identity`).
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from dataclasses import dataclass
-from types import CodeType
-from typing import Any, Final
+from types import CodeType, FrameType, MethodType, ModuleType
+from typing import Any
 
 from opentelemetry.util.types import AttributeValue
 
 from otel_bgtasks import semconv
-from otel_bgtasks.task_options import TIMEOUT_ATTRIBUTE
-
-_NOT_SET: Final = object()
+from otel_bgtasks.identity import PerCallable
+from otel_bgtasks.task_options import NOT_SET, declared_timeout
 
 
 @dataclass(frozen=True)
@@ -28,55 +31,117 @@ class FunctionNames:
     qualname: str
     function_name: str
     attributes: dict[str, AttributeValue]
-    timeout: float | object | None = _NOT_SET  # from @task_options; _NOT_SET: use instrument()'s
+    timeout: float | object | None = NOT_SET  # from @task_options; NOT_SET: use instrument()'s
 
     def timeout_or(self, default: float | None) -> float | None:
         """This function's own timeout if it has one, else ``default``."""
-        return default if self.timeout is _NOT_SET else self.timeout  # type: ignore[return-value]
-
-
-# Keyed by code object (every lambda made by one line shares one) or by class, so the cache grows with
-# the number of task functions in the program, not with the number of tasks.
-_cache: dict[CodeType | type[object], FunctionNames] = {}
-_MAX_CACHED: Final = 4096
-
-
-def _unwrap(func: Any) -> Any:
-    while isinstance(func, functools.partial):
-        func = func.func  # pyright: ignore[reportUnknownMemberType]
-    return getattr(func, "__func__", func)  # bound methods
+        return default if self.timeout is NOT_SET else self.timeout  # type: ignore[return-value]
 
 
 def describe(func: Any) -> FunctionNames:
     """Return the names for ``func``, the callable given to ``add_task``/``BackgroundTask``."""
-    target: object = _unwrap(func)
-    code: CodeType | None = getattr(target, "__code__", None)
-    key: CodeType | type[object] = code if code is not None else type(target)
-    names = _cache.get(key)
-    if names is None:
-        names = _compute(target, code)
-        if len(_cache) < _MAX_CACHED:
-            _cache[key] = names
-    return names
+    return _names.get(_target(func))
 
 
-def _compute(target: object, code: CodeType | None) -> FunctionNames:
-    if code is None:
-        # A callable object: name its class, point at its __call__.
-        owner: type[object] = type(target)
-        qualname = owner.__qualname__
-        module = owner.__module__
-        code = getattr(owner.__call__, "__code__", None)
-    else:
-        qualname = getattr(target, "__qualname__", code.co_name)
-        module = getattr(target, "__module__", None) or inspect.getmodulename(code.co_filename) or ""
+def _target(func: object) -> object:
+    """What ``func`` runs, as far as names go: a partial's function, a bound method's function."""
+    while isinstance(func, functools.partial):
+        func = func.func  # pyright: ignore[reportUnknownMemberType]
+    return func.__func__ if isinstance(func, MethodType) else func
+
+
+def _describe(target: object) -> FunctionNames:
+    try:
+        return _compute(target)
+    except Exception:  # a hostile callable (a __getattr__ that raises): fall back to what its class says
+        cls = type(target)
+        return _names_from(cls.__qualname__, cls.__module__, None, NOT_SET)
+
+
+_names: PerCallable[FunctionNames] = PerCallable(_describe)
+
+
+def _compute(target: object) -> FunctionNames:
+    if _is_mock(target):  # answers every attribute (__wrapped__, __code__...) with another Mock: name its class
+        cls = _declared_class(type(target))
+        return _names_from(cls.__qualname__, cls.__module__, None, NOT_SET)
+    inner = _innermost(target)
+    if inspect.iscoroutine(inner) or inspect.isgenerator(inner) or inspect.isasyncgen(inner):
+        # add_task(send_email(addr)): named after the function that made it, as FastAPI and contrib do.
+        kind = {"coroutine": "cr", "generator": "gi", "async_generator": "ag"}[type(inner).__name__]
+        frame = getattr(inner, f"{kind}_frame", None)  # None once it has finished
+        module = frame.f_globals.get("__name__") if isinstance(frame, FrameType) else None
+        code = _code(getattr(inner, f"{kind}_code", None))
+        return _names_from(_string(getattr(inner, "__qualname__", None)), _string(module), code, NOT_SET)
+    if isinstance(inner, type):  # a class used as a task: what runs is its __init__
+        return _names_from(inner.__qualname__, inner.__module__, _code_of(inner.__init__), declared_timeout(target))
+    qualname = _string(getattr(inner, "__qualname__", None)) or _string(getattr(inner, "__name__", None))
+    if qualname is not None:  # a function, a builtin, a method descriptor, a Cython function...
+        code = _code(getattr(inner, "__code__", None))
+        return _names_from(qualname, _module_of(inner), code, declared_timeout(target))
+    # A callable object: name its class.
+    cls = type(inner)
+    call = getattr(cls, "__call__", None)  # noqa: B004  # the class's, not the instance's
+    return _names_from(cls.__qualname__, cls.__module__, _code_of(call), declared_timeout(target, call))
+
+
+def _names_from(qualname: str | None, module: str | None, code: CodeType | None, timeout: object) -> FunctionNames:
+    qualname = qualname or (code.co_name if code is not None else "<unknown>")
+    module = module or (inspect.getmodulename(code.co_filename) if code is not None else None)
     function_name = f"{module}.{qualname}" if module else qualname
     attributes: dict[str, AttributeValue] = {semconv.CODE_FUNCTION_NAME: function_name}
     if code is not None:
         attributes[semconv.CODE_FILE_PATH] = code.co_filename
         attributes[semconv.CODE_LINE_NUMBER] = code.co_firstlineno
-    timeout = getattr(target, TIMEOUT_ATTRIBUTE, _NOT_SET)
     return FunctionNames(f"{semconv.SPAN_NAME_PREFIX} {qualname}", qualname, function_name, attributes, timeout)
+
+
+def _string(value: object) -> str | None:
+    # Exact types only: a Mock(spec=...) passes isinstance(), and a Mock attribute value is "Invalid type" to OTel.
+    return value if type(value) is str and value else None
+
+
+def _code(value: object) -> CodeType | None:
+    return value if type(value) is CodeType else None
+
+
+def _innermost(func: object) -> object:
+    """The function every decorator (``functools.wraps``, ``lru_cache``...) around ``func`` wraps."""
+    try:
+        return inspect.unwrap(func)  # pyright: ignore[reportArgumentType]
+    except ValueError:  # a __wrapped__ cycle
+        return func
+
+
+def _code_of(func: object) -> CodeType | None:
+    """The code of the innermost function ``func`` wraps, if it is Python code."""
+    return _code(getattr(_innermost(func), "__code__", None))
+
+
+def _module_of(func: object) -> str | None:
+    module = _string(getattr(func, "__module__", None))
+    if module is not None:
+        return module
+    owner = getattr(func, "__self__", None)  # [].append: the list; print: the builtins module
+    if owner is None:
+        owner = getattr(func, "__objclass__", None)  # str.upper: str
+    if isinstance(owner, ModuleType):
+        return owner.__name__
+    if owner is not None:
+        return (owner if isinstance(owner, type) else type(owner)).__module__
+    return None
+
+
+def _is_mock(obj: object) -> bool:
+    mock = sys.modules.get("unittest.mock")  # only a program that made a mock has imported it
+    return mock is not None and isinstance(obj, mock.NonCallableMock)
+
+
+def _declared_class(cls: type[object]) -> type[object]:
+    """The class as written: unittest.mock makes a same-named subclass per mock, named after the mock module."""
+    while cls.__module__ == "unittest.mock" and len(cls.__bases__) == 1 and cls.__bases__[0].__name__ == cls.__name__:
+        cls = cls.__bases__[0]
+    return cls
 
 
 def error_type(exc: BaseException) -> str:
