@@ -109,7 +109,7 @@ class ArgumentCapture:
                 text.write(repr(value))
                 return
             if type(value) in _STRINGS:  # only what can be shown is sliced off and repr'd
-                text.write(repr(value[: text.room]))  # type: ignore[index]
+                text.write(repr(value[: text.room]))  # pyright: ignore[reportIndexIssue, reportUnknownArgumentType]
                 return
             shape = self._shape(value)
             if shape is None:  # a leaf: its own repr (only cut to length: its cost is the type's business)
@@ -174,7 +174,7 @@ class ArgumentCapture:
             shown = [a.name for a in cast(tuple[Any, ...], attributes) if a.repr is not False]
             return self._named((name, getattr(value, name)) for name in shown)
         if _is_pydantic_model(value):  # its own repr shows __repr_args__ (fields without repr=False)
-            return self._named(cast(Iterable[tuple[str | None, object]], value.__repr_args__()))  # type: ignore[attr-defined]
+            return self._named(cast(Iterable[tuple[str | None, object]], value.__repr_args__()))  # pyright: ignore[reportAttributeAccessIssue, reportUnknownMemberType]
         return None
 
     def _items(self, items: Collection[object], base: type[object]) -> Iterator[_Member]:
@@ -273,7 +273,7 @@ _Positional = tuple[tuple[str, ...], "str | None"]
 def _signature_of(func: object) -> _Positional | None:
     """From ``inspect.signature``, which follows ``__wrapped__``: a decorator's (*args, **kwargs) is not the API."""
     try:
-        parameters = inspect.signature(func).parameters.values()  # type: ignore[arg-type]
+        parameters = inspect.signature(func).parameters.values()  # pyright: ignore[reportArgumentType]
     except Exception:  # TypeError/ValueError for most that have none; anything from a hostile __signature__
         return None
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)

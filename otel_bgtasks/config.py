@@ -82,7 +82,7 @@ def _parse_seconds(name: str) -> Callable[[object], float | None]:
         if value is None or (isinstance(value, str) and value.strip().lower() in {"none", "off"}):
             return None
         try:
-            seconds = float(value)  # type: ignore[arg-type]
+            seconds = float(value)  # pyright: ignore[reportArgumentType]
         except (TypeError, ValueError):
             seconds = float("nan")
         if isinstance(value, bool) or not seconds > 0 or seconds == float("inf"):
@@ -115,7 +115,7 @@ def _parse_length(value: object) -> int:
 
 def _parse_keys(value: object) -> tuple[str, ...]:
     """A list of names, or in the environment a comma-separated string."""
-    items: Iterable[object] = value.split(",") if isinstance(value, str) else value  # type: ignore[assignment]
+    items: Iterable[object] = value.split(",") if isinstance(value, str) else value  # pyright: ignore[reportAssignmentType]
     try:
         keys = tuple(str(item).strip() for item in items if str(item).strip())
     except TypeError:

@@ -9,7 +9,7 @@ from collections.abc import Collection
 from types import ModuleType
 from typing import Any, Final
 
-from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
+from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 from opentelemetry.instrumentation.utils import unwrap
 from wrapt import register_post_import_hook, wrap_function_wrapper
 
@@ -107,7 +107,7 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
             if self.is_instrumented_by_opentelemetry:
                 self._warn_ignored(kwargs)
                 return
-            super().instrument(**kwargs)  # type: ignore[no-untyped-call]
+            super().instrument(**kwargs)
 
     def _warn_ignored(self, kwargs: dict[str, Any]) -> None:
         arguments = {name: value for name, value in kwargs.items() if name not in _BASE_INSTRUMENTOR_ARGUMENTS}
@@ -129,7 +129,7 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
     def uninstrument(self, **kwargs: Any) -> None:
         """Unpatch, under the same lock as :meth:`instrument`."""
         with instrumentor_lock:
-            super().uninstrument(**kwargs)  # type: ignore[no-untyped-call]
+            super().uninstrument(**kwargs)
 
     def _instrument(self, **kwargs: Any) -> None:
         from starlette import background

@@ -35,7 +35,7 @@ class FunctionNames:
 
     def timeout_or(self, default: float | None) -> float | None:
         """This function's own timeout if it has one, else ``default``."""
-        return default if self.timeout is NOT_SET else self.timeout  # type: ignore[return-value]
+        return default if self.timeout is NOT_SET else self.timeout  # pyright: ignore[reportReturnType]
 
 
 def describe(func: Any) -> FunctionNames:

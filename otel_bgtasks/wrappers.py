@@ -146,7 +146,7 @@ class TaskWrappers:
         try:
             awaitable: Awaitable[Any] = call(*args, **kwargs)
             if run.execution is semconv.EXECUTION_ASYNC and self._options.blocking_threshold is not None:
-                awaitable = run.blocking = BlockingTimer(awaitable)  # type: ignore[arg-type]
+                awaitable = run.blocking = BlockingTimer(awaitable)  # pyright: ignore[reportArgumentType]
             if run.timeout is not None and run.execution is semconv.EXECUTION_ASYNC:
                 with anyio.fail_after(run.timeout) as run.scope:
                     result = await awaitable
@@ -228,7 +228,7 @@ class TaskWrappers:
         run.outcome, run.error = semconv.OUTCOME_ERROR, exc
         with capture_internal_exceptions():
             if run.token is not None:
-                otel_context.detach(run.token)  # type: ignore[arg-type]
+                otel_context.detach(run.token)  # pyright: ignore[reportArgumentType]
                 run.token = None  # the context holds the run: let both go as soon as the task does
         with capture_internal_exceptions():
             run.outcome, run.error = self._classify(run, exc, duration)
@@ -361,7 +361,7 @@ class TaskWrappers:
     @staticmethod
     async def run_in_threadpool(wrapped: _Wrapped, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """``starlette.background.run_in_threadpool``: time the wait for a worker thread, and the run on it."""
-        run: TaskRun | None = otel_context.get_value(_RUN_KEY)  # type: ignore[assignment]
+        run: TaskRun | None = otel_context.get_value(_RUN_KEY)  # pyright: ignore[reportAssignmentType]
         if run is None or not args:
             return await wrapped(*args, **kwargs)
         func = args[0]
