@@ -51,10 +51,9 @@ from typing import Literal, TypeVar
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
-from otel_bgtasks.config import UNSET, Unset, explicit
+from otel_bgtasks.config import UNSET, Unset, explicit, task_options
 from otel_bgtasks.instrumentor import BackgroundTasksInstrumentor, instrumentor_lock
 from otel_bgtasks.request_spans import ensure_request_spans, native_tracer_provider
-from otel_bgtasks.task_options import task_options
 from otel_bgtasks.version import __version__
 
 __all__ = ["UNSET", "BackgroundTasksInstrumentor", "__version__", "instrument", "task_options", "uninstrument"]

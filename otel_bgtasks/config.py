@@ -1,4 +1,4 @@
-"""Options, from ``instrument()`` arguments or ``OTEL_PYTHON_BGTASKS_<OPTION>`` environment variables.
+"""Options: from ``instrument()`` or ``OTEL_PYTHON_BGTASKS_*`` variables, and per function from ``@task_options``.
 
 Explicit arguments win. An invalid argument raises at ``instrument()`` time, where the mistake is
 made; an invalid environment variable is logged and its default used, because ``opentelemetry-instrument``
@@ -8,12 +8,13 @@ gives no place to raise to and the application must still start.
 from __future__ import annotations
 
 import difflib
+import inspect
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from enum import Enum
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 _logger = logging.getLogger("otel_bgtasks")
 
@@ -197,3 +198,47 @@ def _warn_unknown_variables(environ: Mapping[str, str]) -> None:
         close = difflib.get_close_matches(variable, known, n=1, cutoff=0.6)
         hint = f"did you mean {close[0]}?" if close else f"valid ones: {', '.join(known)}"
         _logger.warning("Ignoring %s: otel_bgtasks has no such option; %s", variable, hint)
+
+
+# -- per task function: @task_options ---------------------------------------------------------------
+
+TIMEOUT_ATTRIBUTE: Final = "__otel_bgtasks_timeout__"
+NOT_SET: Final = object()  # no @task_options timeout: instrument()'s applies
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def task_options(*, timeout: float | None) -> Callable[[_F], _F]:
+    """Decorate a task function to give it its own ``timeout``, in seconds (``None``: no timeout).
+
+    It overrides the ``timeout`` given to ``instrument()`` for every task that runs this function.
+    The function itself is returned unchanged, so Starlette still sees whether it is ``async``::
+
+        @otel_bgtasks.task_options(timeout=30)
+        async def rebuild_index() -> None: ...
+    """
+    seconds = _parse_seconds("timeout")(timeout)
+
+    def decorate(func: _F) -> _F:
+        setattr(func, TIMEOUT_ATTRIBUTE, seconds)
+        return func
+
+    return decorate
+
+
+def declared_timeout(*candidates: object) -> float | object | None:
+    """The timeout ``@task_options`` gave the first of ``candidates`` that has one, else :data:`NOT_SET`.
+
+    Each candidate is searched from the outside in, through the functions it wraps (``__wrapped__``):
+    ``@task_options`` may sit above or below another decorator, and the outermost one is the last the
+    user applied. Only what ``task_options`` stores counts: a ``Mock`` answers every attribute.
+    """
+    for candidate in candidates:
+        try:
+            holder = inspect.unwrap(candidate, stop=lambda layer: hasattr(layer, TIMEOUT_ATTRIBUTE))  # pyright: ignore[reportArgumentType]
+        except ValueError:  # a __wrapped__ cycle
+            holder = candidate
+        timeout = getattr(holder, TIMEOUT_ATTRIBUTE, NOT_SET)
+        if timeout is None or type(timeout) is float:
+            return timeout
+    return NOT_SET

@@ -19,8 +19,8 @@ from typing import Any
 from opentelemetry.util.types import AttributeValue
 
 from otel_bgtasks import semconv
+from otel_bgtasks.config import NOT_SET, declared_timeout
 from otel_bgtasks.identity import PerCallable
-from otel_bgtasks.task_options import NOT_SET, declared_timeout
 
 
 @dataclass(frozen=True)
