@@ -1,6 +1,6 @@
 """FastAPI with otel_bgtasks: every background task gets a span, under the request that queued it.
 
-The routes (their code is in ``otel_bgtasks/demo_app.py``, which ``otel-bgtasks demo`` serves too):
+The routes (their code is in ``otel_bgtasks/cli/demo_app.py``, which ``otel-bgtasks demo`` serves too):
 
 - ``POST /signup``: two tasks that succeed, a ``def`` one (run in the thread pool) and an ``async def`` one.
 - ``POST /order``: a task that fails (``PaymentDeclinedError``), so the task queued after it is skipped.
@@ -25,9 +25,9 @@ or see every route's trace as a tree, with no server to start: ``otel-bgtasks de
 from fastapi import FastAPI
 
 import otel_bgtasks
-from otel_bgtasks.demo_app import create_tables, database_router, router
+from otel_bgtasks.cli.demo_app import database_lifespan, database_router, router
 
-app = FastAPI(title="otel_bgtasks example", lifespan=create_tables)
+app = FastAPI(title="otel_bgtasks example", lifespan=database_lifespan)
 app.include_router(router)
 app.include_router(database_router)
 

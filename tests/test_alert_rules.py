@@ -46,7 +46,7 @@ from test_compose_stack import config_file, mounts, service
 
 import otel_bgtasks
 from otel_bgtasks import semconv
-from otel_bgtasks.demo_app import router
+from otel_bgtasks.cli.demo_app import router
 from otel_bgtasks.metrics import METER_NAME
 
 REPO = Path(__file__).resolve().parent.parent

@@ -29,13 +29,17 @@ TASKS = (
 )
 
 
+# The console script, as README runs it; `python -m otel_bgtasks.cli` where a test needs no more.
+OTEL_BGTASKS = str(Path(sys.executable).parent / "otel-bgtasks")
+
+
 def run_cli(*args: str, cwd: Path) -> tuple[subprocess.CompletedProcess[str], float]:
     # Wide enough that rich wraps no line; no OTEL_* setting of the caller's may change the demo.
     env = {key: value for key, value in os.environ.items() if not key.startswith("OTEL_")}
     env["COLUMNS"] = "200"
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "otel_bgtasks.cli", *args],
+        [OTEL_BGTASKS, *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -78,6 +82,32 @@ def test_demo_is_quick_and_quiet(demo: tuple[subprocess.CompletedProcess[str], f
     assert result.stderr == ""
 
 
+def run_python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_importing_the_demo_app_creates_and_instruments_nothing() -> None:
+    result = run_python(
+        "import sys\n"
+        "import otel_bgtasks.cli.demo_app\n"
+        "from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor\n"
+        "print(SQLAlchemyInstrumentor().is_instrumented_by_opentelemetry, 'aiosqlite' in sys.modules)\n"
+    )
+    # No engine: its driver, aiosqlite, is imported only when an engine is created.
+    assert result.stdout.split() == ["False", "False"], result.stdout + result.stderr
+
+
+def test_without_the_demo_extra_the_command_says_what_to_install() -> None:
+    result = run_python(
+        "import sys\nsys.modules['rich'] = None  # as if not installed\n"
+        "from otel_bgtasks.cli import main\nraise SystemExit(main(['demo']))\n"
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    # rich.text: the first of rich's modules the command imports.
+    missing = "(rich.text is missing)"
+    assert result.stderr == f"otel-bgtasks needs the demo extra {missing}: pip install 'otel_bgtasks[demo]'\n"
+
+
 def test_every_task_shows_with_its_outcome(lines: list[str]) -> None:
     outcomes = {
         "send_welcome_email": "✔ success",
@@ -95,7 +125,7 @@ def test_failed_task_shows_error_type_and_message(lines: list[str]) -> None:
     task = line_with(lines, "BackgroundTask charge_card ")
     error = line_with(
         lines,
-        "otel_bgtasks.demo_app.PaymentDeclinedError: order 1042: card declined (insufficient funds) for 49.99 EUR",
+        "otel_bgtasks.cli.demo_app.PaymentDeclinedError: order 1042: card declined (insufficient funds) for 49.99 EUR",
     )
     assert error == task + 1
     assert depth(lines[error]) > depth(lines[task])

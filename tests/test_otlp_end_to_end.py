@@ -74,7 +74,7 @@ SDK_FROM_ENV_THEN_UVICORN = (
     "uvicorn.main()\n"
 )
 APP = "examples.fastapi_app:app"
-DEMO = "otel_bgtasks.demo_app"
+DEMO = "otel_bgtasks.cli.demo_app"
 
 
 # -- The OTLP/HTTP receiver -------------------------------------------------------------------------
@@ -404,7 +404,7 @@ def assert_task_trees(received: Received, service_name: str, server: Server) -> 
     for task in (s for s in spans if s.name.startswith("BackgroundTask ")):
         assert task.kind == SPAN_KIND_INTERNAL, task
         assert task.attributes["code.function.name"] == f"{DEMO}.{task.name.removeprefix('BackgroundTask ')}"
-        assert task.attributes["code.file.path"].endswith(os.path.join("otel_bgtasks", "demo_app.py"))
+        assert task.attributes["code.file.path"].endswith(os.path.join("otel_bgtasks", "cli", "demo_app.py"))
 
     # POST /order: charge_card fails after the response; send_receipt, queued after it, is skipped.
     order = trees.request("/order")

@@ -474,7 +474,7 @@ def check_fastapi_example(ran: Ran, received: Received) -> None:
     charge, receipt = trees.task("charge_card"), trees.task("send_receipt")
     assert trees.under(charge, request) and trees.under(receipt, request), ran.output
     assert charge.status == "ERROR"
-    assert charge.attributes["error.type"] == "otel_bgtasks.demo_app.PaymentDeclinedError"
+    assert charge.attributes["error.type"] == "otel_bgtasks.cli.demo_app.PaymentDeclinedError"
     assert receipt.attributes["background_task.outcome"] == "skipped"
     assert ran.replies == ['{"status":"order received"}']
 

@@ -6,10 +6,12 @@ They live in the package, not in ``examples/``, so that the installed console sc
 - ``router``: tasks that succeed, fail, get skipped, run slowly, block the event loop, or are queued
   inside a span the route opened itself.
 - ``database_router``: a task that writes to a database, done right (it opens its own session) and
-  wrong (it reuses the request's), on SQLAlchemy's async engine with its queries traced.
+  wrong (it reuses the request's), on SQLAlchemy's async engine with its queries traced. Its routes
+  need ``database_lifespan`` as the app's lifespan: it opens the database.
 - ``create_app()``: both routers, instrumented with the one-liner ``otel_bgtasks.instrument(app)``.
   That uses the global tracer provider, so set it (or run under ``opentelemetry-instrument``) first.
 
+Importing this module creates no engine and instruments nothing: the app's lifespan does, when it starts.
 Requires the ``demo`` extra: ``pip install 'otel_bgtasks[demo]'``.
 """
 
@@ -19,17 +21,22 @@ import asyncio
 import time
 from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
-from typing import Final, NamedTuple
+from typing import Annotated, Final, NamedTuple
 
-from fastapi import APIRouter, BackgroundTasks, FastAPI
 from opentelemetry import trace
-from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor  # pyright: ignore[reportMissingTypeStubs]
-from sqlalchemy import ForeignKey, String
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-from sqlalchemy.pool import StaticPool
 
 import otel_bgtasks
+from otel_bgtasks.cli import demo_extra
+
+with demo_extra():
+    from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, Request
+    from opentelemetry.instrumentation.sqlalchemy import (  # pyright: ignore[reportMissingTypeStubs]
+        SQLAlchemyInstrumentor,
+    )
+    from sqlalchemy import ForeignKey, String
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+    from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+    from sqlalchemy.pool import StaticPool
 
 tracer = trace.get_tracer(__name__)
 
@@ -119,18 +126,6 @@ def sync_route(tasks: BackgroundTasks) -> dict[str, str]:
 
 # -- Database ---------------------------------------------------------------------------------------
 
-# In memory, on one shared connection (StaticPool), so the demo needs no file and no cleanup.
-engine: AsyncEngine = create_async_engine("sqlite+aiosqlite:///:memory:", poolclass=StaticPool)
-# expire_on_commit=False: the usual asyncio setting; objects stay readable after commit without a query.
-# close_resets_only=False: a closed session stays closed, so using it after its request ended fails
-# loudly instead of silently starting a new transaction.
-Session = async_sessionmaker(engine, expire_on_commit=False, close_resets_only=False)
-# Every query becomes a span, under whatever span is current: the request's or the task's.
-# skip_dep_check: the instrumentation declares sqlalchemy < 2.1 and would refuse 2.1, which it traces fine.
-# Under opentelemetry-instrument it is on already, for every engine made since: a second call would only warn.
-if not SQLAlchemyInstrumentor().is_instrumented_by_opentelemetry:
-    SQLAlchemyInstrumentor().instrument(engine=engine.sync_engine, skip_dep_check=True)
-
 
 class Base(DeclarativeBase):
     """The demo's tables."""
@@ -153,14 +148,50 @@ class AuditEntry(Base):
     action: Mapped[str] = mapped_column(String(50))
 
 
+class Database:
+    """The demo's database: an engine and a way to open sessions on it, made when the app starts."""
+
+    def __init__(self, url: str = "sqlite+aiosqlite:///:memory:") -> None:
+        # In memory, on one shared connection (StaticPool), so the demo needs no file and no cleanup.
+        self.engine: AsyncEngine = create_async_engine(url, poolclass=StaticPool)
+        # expire_on_commit=False: the usual asyncio setting; objects stay readable after commit without a query.
+        # close_resets_only=False: a closed session stays closed, so using it after its request ended fails
+        # loudly instead of silently starting a new transaction.
+        self.session = async_sessionmaker(self.engine, expire_on_commit=False, close_resets_only=False)
+
+
 @asynccontextmanager
-async def create_tables(_app: FastAPI) -> AsyncGenerator[None]:
-    """Create the tables when the app starts: pass it as the app's ``lifespan=`` (FastAPI >= 0.93)."""
-    async with engine.begin() as connection:
-        await connection.run_sync(Base.metadata.create_all)
-    yield
+async def database_lifespan(app: FastAPI) -> AsyncGenerator[None]:
+    """Open the database when the app starts, close it when it stops: pass it as the app's ``lifespan=``.
+
+    The database routes find it in ``app.state.database``.
+    """
+    database = Database()
+    # Every query becomes a span, under whatever span is current: the request's or the task's. Unless
+    # opentelemetry-instrument did it already (it then traces every engine created after it).
+    # skip_dep_check: the instrumentation declares sqlalchemy < 2.1 and would refuse 2.1, which it traces fine.
+    instrumentor = SQLAlchemyInstrumentor()
+    ours = not instrumentor.is_instrumented_by_opentelemetry
+    if ours:
+        instrumentor.instrument(engine=database.engine.sync_engine, skip_dep_check=True)
+    try:
+        async with database.engine.begin() as connection:
+            await connection.run_sync(Base.metadata.create_all)
+        app.state.database = database
+        yield
+    finally:
+        await database.engine.dispose()
+        if ours:
+            instrumentor.uninstrument()
 
 
+def get_database(request: Request) -> Database:
+    """The database ``database_lifespan`` opened, for a route: ``database: DatabaseDependency``."""
+    database: Database = request.app.state.database
+    return database
+
+
+DatabaseDependency = Annotated[Database, Depends(get_database)]
 database_router = APIRouter()
 
 
@@ -172,9 +203,9 @@ async def create_user(session: AsyncSession, email: str) -> User:
     return user
 
 
-async def record_signup(user_id: int) -> None:
+async def record_signup(database: Database, user_id: int) -> None:
     """Right: the task opens its own session, so its queries run (and nest) under the task's span."""
-    async with Session() as session:
+    async with database.session() as session:
         session.add(AuditEntry(user_id=user_id, action="signup"))
         await session.commit()
 
@@ -190,18 +221,18 @@ async def record_signup_in(session: AsyncSession, user_id: int) -> None:
 
 
 @database_router.post("/audit")
-async def audit(tasks: BackgroundTasks) -> dict[str, int]:
+async def audit(tasks: BackgroundTasks, database: DatabaseDependency) -> dict[str, int]:
     """Pass plain values to the task; it opens its own session."""
-    async with Session() as session:
+    async with database.session() as session:
         user = await create_user(session, "grace@example.com")
-        tasks.add_task(record_signup, user.id)
+        tasks.add_task(record_signup, database, user.id)
         return {"user_id": user.id}
 
 
 @database_router.post("/audit-wrong")
-async def audit_wrong(tasks: BackgroundTasks) -> dict[str, int]:
+async def audit_wrong(tasks: BackgroundTasks, database: DatabaseDependency) -> dict[str, int]:
     """Pass the request's session to the task; it is closed by the time the task runs."""
-    async with Session() as session:
+    async with database.session() as session:
         user = await create_user(session, "alan@example.com")
         tasks.add_task(record_signup_in, session, user.id)
         return {"user_id": user.id}
@@ -212,7 +243,7 @@ async def audit_wrong(tasks: BackgroundTasks) -> dict[str, int]:
 
 def create_app() -> FastAPI:
     """The demo app; a function, so that importing the routers instruments nothing."""
-    app = FastAPI(title="otel_bgtasks demo", lifespan=create_tables)
+    app = FastAPI(title="otel_bgtasks demo", lifespan=database_lifespan)
     app.include_router(router)
     app.include_router(database_router)
     otel_bgtasks.instrument(app)  # one span per background task, under the span that queued it

@@ -1,0 +1,161 @@
+"""Spans to rich trees: one request's trace, its task spans with what happened to them, and what ran inside.
+
+Used by ``otel-bgtasks demo``. Takes the SDK's ``ReadableSpan``; nothing here needs a tracer provider.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+from opentelemetry.trace import SpanKind, StatusCode
+
+from otel_bgtasks import semconv
+from otel_bgtasks.cli import demo_extra
+
+with demo_extra():
+    from opentelemetry.sdk.trace import ReadableSpan
+    from rich.text import Text
+    from rich.tree import Tree
+
+TASK_PREFIX = semconv.SPAN_NAME_PREFIX + " "
+# Spans that say nothing about background tasks: the ASGI middleware's per-message spans, and
+# FastAPI's dependency and serialization steps (hidden only when nothing hangs under them).
+_HIDDEN_SUFFIXES = (" http send", " http receive")
+_HIDDEN_LEAVES = frozenset({"fastapi.dependencies", "fastapi.serialization"})
+_OUTCOME_STYLES = {
+    semconv.OUTCOME_SUCCESS: ("✔", "green"),
+    semconv.OUTCOME_ERROR: ("✘", "bold red"),
+    semconv.OUTCOME_TIMEOUT: ("✘", "bold red"),
+    semconv.OUTCOME_SKIPPED: ("⏭", "yellow"),
+    semconv.OUTCOME_CANCELLED: ("⊘", "yellow"),
+}
+LEGEND = "tasks: [green]✔ success[/] [red]✘ error[/] [yellow]⏭ skipped[/] · run time · queued · async|threadpool"
+
+
+def is_task(span: ReadableSpan) -> bool:
+    """Whether ``span`` is an otel_bgtasks task span."""
+    return span.name.startswith(TASK_PREFIX)
+
+
+def request_traces(spans: Sequence[ReadableSpan]) -> dict[str, list[ReadableSpan]]:
+    """The spans of each trace that starts at a request (a server span), by the request's path.
+
+    Other traces (the tables created at startup) are left out. In ``mode="link"`` a task starts a
+    trace of its own, linked to the span that queued it: it is folded into that request's trace.
+    """
+    by_trace: dict[int, list[ReadableSpan]] = defaultdict(list)
+    for span in spans:
+        by_trace[_trace_id(span)].append(span)
+    trace_of = {_span_id(span): _trace_id(span) for span in spans}
+    by_path: dict[str, list[ReadableSpan]] = {}
+    for trace_spans in by_trace.values():
+        root = _roots(trace_spans)[0]
+        path = (root.attributes or {}).get("url.path", (root.attributes or {}).get("http.target"))
+        if root.kind is SpanKind.SERVER and isinstance(path, str):
+            by_path[path] = trace_spans
+    for trace_spans in by_trace.values():
+        root = _roots(trace_spans)[0]
+        linked = [link.context.span_id for link in root.links if link.context.span_id in trace_of]
+        if root.kind is not SpanKind.SERVER and linked:
+            by_trace[trace_of[linked[0]]].extend(trace_spans)
+    return by_path
+
+
+def _span_id(span: ReadableSpan) -> int:
+    return span.context.span_id if span.context is not None else 0
+
+
+def _trace_id(span: ReadableSpan) -> int:
+    return span.context.trace_id if span.context is not None else 0
+
+
+def _roots(spans: Sequence[ReadableSpan]) -> list[ReadableSpan]:
+    """Spans whose parent is not among ``spans``, earliest first."""
+    ids = {_span_id(span) for span in spans}
+    roots = [span for span in spans if span.parent is None or span.parent.span_id not in ids]
+    return sorted(roots, key=lambda span: span.start_time or 0)
+
+
+def _parent_id(span: ReadableSpan, ids: set[int]) -> int | None:
+    """The span's parent in the tree: its real parent, or for a linked trace's root, the span it links to."""
+    if span.parent is not None and span.parent.span_id in ids:
+        return span.parent.span_id
+    for link in span.links:
+        if link.context.span_id in ids:
+            return link.context.span_id
+    return None
+
+
+def trace_tree(spans: Sequence[ReadableSpan], status: str, shows: str) -> Tree:
+    """One request's trace as a tree, its server span at the root."""
+    ids = {_span_id(span) for span in spans}
+    children: dict[int | None, list[ReadableSpan]] = defaultdict(list)
+    for span in sorted(spans, key=lambda span: span.start_time or 0):
+        children[_parent_id(span, ids)].append(span)
+    root = children[None][0]
+    label = Text.assemble((root.name, "bold cyan"), f" → {status}  {_ms(root.start_time, root.end_time)}")
+    trace_end = max(span.end_time or 0 for span in spans)
+    if trace_end > (root.end_time or 0):
+        label.append(f"  (its tasks ran until +{_ms(root.start_time, trace_end)})", style="dim")
+    label.append(f"\n{shows}", style="italic")
+    tree = Tree(label)
+
+    def add(parent: Tree, span: ReadableSpan) -> None:
+        kids = children[_span_id(span)]
+        if span.name.endswith(_HIDDEN_SUFFIXES) or (span.name in _HIDDEN_LEAVES and not kids):
+            return
+        node = parent.add(_label(span))
+        if span.status.status_code is StatusCode.ERROR:
+            error = str((span.attributes or {}).get(semconv.ERROR_TYPE, "error"))
+            description = span.status.description
+            node.add(Text(f"{error}: {description}" if description else error, style="red"))
+        for warning in _warnings(span):
+            node.add(Text(f"⚠ {warning}", style="yellow"))
+        for kid in kids:
+            add(node, kid)
+
+    for span in children[_span_id(root)]:
+        add(tree, span)
+    return tree
+
+
+def _warnings(span: ReadableSpan) -> list[str]:
+    """What otel_bgtasks' events on ``span`` warn about: a task that blocked the loop, an invalid task."""
+    warnings: list[str] = []
+    for event in span.events:
+        attributes = event.attributes or {}
+        if event.name == semconv.EVENT_LOOP_BLOCKED:
+            held = attributes.get(semconv.BLOCKING_MAX)
+            seconds = f" for {held * 1e3:.0f} ms" if isinstance(held, float) else ""
+            warnings.append(f"blocked the event loop{seconds} without awaiting: nothing else on the loop ran meanwhile")
+        elif event.name == semconv.EVENT_INVALID:
+            warnings.append(f"invalid task: {attributes.get(semconv.PROBLEM)}")
+    return warnings
+
+
+def _ms(start: int | None, end: int | None) -> str:
+    return f"{((end or 0) - (start or 0)) / 1e6:.1f} ms"
+
+
+def _label(span: ReadableSpan) -> Text:
+    attributes = span.attributes or {}
+    if not is_task(span):
+        label = Text.assemble(span.name, (f"  {_ms(span.start_time, span.end_time)}", "dim"))
+        statement = attributes.get("db.statement")
+        if isinstance(statement, str):
+            label.append(f"  {' '.join(statement.split())[:70]}", style="dim")
+        return label
+    outcome = str(attributes.get(semconv.OUTCOME, "unknown"))
+    symbol, style = _OUTCOME_STYLES.get(outcome, ("?", "magenta"))
+    link = "↪ linked trace: " if span.parent is None and span.links else ""
+    label = Text.assemble((f"{link}{span.name}", "bold"), "  ", (f"{symbol} {outcome}", style))
+    if outcome == semconv.OUTCOME_SKIPPED:
+        label.append("  never ran: an earlier task failed", style="yellow dim")
+        return label
+    label.append(f"  {_ms(span.start_time, span.end_time)}")
+    queued = attributes.get(semconv.QUEUE_DURATION)
+    if isinstance(queued, float):
+        label.append(f"  queued {queued * 1e3:.1f} ms", style="dim")
+    label.append(f"  {attributes.get(semconv.EXECUTION, '?')}", style="dim")
+    return label
