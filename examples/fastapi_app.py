@@ -7,8 +7,11 @@ The routes (their code is in ``otel_bgtasks/cli/demo_app.py``, which ``otel-bgta
 - ``GET /report``: a slow ``def`` task; the client has its response long before it ends.
 - ``GET /blocking``: an ``async def`` task calling ``time.sleep``, which blocks the event loop.
 - ``GET /sync-route``: a ``def`` route that queues its task inside its own span, ``prepare export``.
+- ``POST /follow``: ``add_task(notify_followers(7))``, a coroutine object instead of the function.
+- ``POST /inventory``: an ``async def`` task calling ``asyncio.run()``, an event-loop conflict.
 - ``POST /audit`` and ``POST /audit-wrong``: a task writing to a database with its own session (right)
   or the request's, closed by then (wrong); see ``examples/database.py``.
+- ``POST /digest``: a task reading an ORM object whose session the request closed (``DetachedInstanceError``).
 
 Run it, from the repository root, with spans printed to the console:
 

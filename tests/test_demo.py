@@ -3,18 +3,27 @@ set once per process, and conftest already set this one's), against a real uvico
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import cast
 
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+from rich.console import Console
+
+import otel_bgtasks
+from otel_bgtasks.cli.trees import trace_tree
 
 TASKS = (
     "send_welcome_email",
@@ -26,6 +35,8 @@ TASKS = (
     "upload_export",
     "record_signup",
     "record_signup_in",
+    "send_activity_digest",
+    "sync_inventory",
 )
 
 
@@ -66,6 +77,11 @@ def line_with(lines: list[str], *parts: str) -> int:
     matches = [index for index, line in enumerate(lines) if all(part in line for part in parts)]
     assert len(matches) == 1, f"{parts} in {len(matches)} lines of:\n" + "\n".join(lines)
     return matches[0]
+
+
+def with_next(lines: list[str], index: int) -> str:
+    """A line and the next one, which is where rich wraps a long line, without the tree guides."""
+    return " ".join(f"{lines[index]} {lines[index + 1].lstrip(' │├└─')}".split())
 
 
 def depth(line: str) -> int:
@@ -115,6 +131,8 @@ def test_every_task_shows_with_its_outcome(lines: list[str]) -> None:
         "send_receipt": "⏭ skipped",
         "resize_images": "✔ success",
         "record_signup_in": "✘ error",
+        "send_activity_digest": "✘ error",
+        "sync_inventory": "✘ error",
     }
     for task in TASKS:
         index = line_with(lines, f"BackgroundTask {task} ")
@@ -151,6 +169,70 @@ def test_database_cases(lines: list[str]) -> None:
     assert task < insert
     assert depth(lines[insert]) > depth(lines[task])
     line_with(lines, "sqlalchemy.exc.InvalidRequestError: This Session has been permanently closed")
+
+
+def test_orm_object_used_after_the_requests_session_closed(lines: list[str]) -> None:
+    request = line_with(lines, "POST /digest → 200")
+    task = line_with(lines, "BackgroundTask send_activity_digest ", "✘ error")
+    error = line_with(lines, "sqlalchemy.orm.exc.DetachedInstanceError: Parent instance <User at ")
+    assert request < task < error
+    handed_over = "⚠ given the request's database session or ORM objects: args[0] is an ORM object"
+    # Under the task, before the next request's tree.
+    assert error < line_with(lines, handed_over, "(otel_bgtasks.cli.demo_app.User)") < line_with(lines, "POST /follow")
+
+
+def test_event_loop_conflict(lines: list[str]) -> None:
+    request = line_with(lines, "POST /inventory → 200")
+    task = line_with(lines, "BackgroundTask sync_inventory ", "✘ error", "async")
+    error = line_with(lines, "RuntimeError: asyncio.run() cannot be called from a running event loop")
+    assert request < task < error
+    # The coroutine handed to asyncio.run() never ran; Python's warning says so, among the logs, not on stderr.
+    line_with(lines, "WARNING py.warnings: RuntimeWarning: coroutine 'fetch_stock' was never awaited")
+
+
+def test_coroutine_object_instead_of_the_function(lines: list[str]) -> None:
+    request = line_with(lines, "POST /follow → 200")
+    warning = line_with(lines, "⚠ invalid task: add_task()/BackgroundTask() was given a coroutine object")
+    assert request < warning < line_with(lines, "POST /inventory → 200")
+    fix = "add_task(notify_followers, *args, **kwargs)"
+    assert fix in with_next(lines, warning)
+    logged = line_with(lines, "ERROR otel_bgtasks: add_task()/BackgroundTask() was given a coroutine object")
+    assert fix in with_next(lines, logged)
+
+
+def test_recognised_failures_show_their_diagnosis(lines: list[str]) -> None:
+    assert "diagnosis=event_loop_conflict" in lines[line_with(lines, "BackgroundTask sync_inventory ")]
+    for task in ("record_signup_in", "send_activity_digest"):
+        assert "diagnosis=session_outside_request" in lines[line_with(lines, f"BackgroundTask {task} ")]
+    assert "diagnosis=" not in lines[line_with(lines, "BackgroundTask charge_card ")]  # the app's own error
+
+
+def render(spans: Sequence[ReadableSpan]) -> list[str]:
+    console = Console(file=io.StringIO(), width=200)
+    console.print(trace_tree(spans, "200", "what it shows"))
+    return cast(io.StringIO, console.file).getvalue().splitlines()
+
+
+def test_tree_shows_the_diagnosis_of_a_failed_task() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    with tracer.start_as_current_span("POST /inventory", kind=SpanKind.SERVER, attributes={"url.path": "/inventory"}):
+        task = {"background_task.outcome": "error", "background_task.execution": "async"}
+        tracer.start_span("BackgroundTask fails_plainly", attributes=task).end()
+        tracer.start_span(
+            "BackgroundTask sync_inventory", attributes={**task, "background_task.diagnosis": "event_loop_conflict"}
+        ).end()
+    lines = render(exporter.get_finished_spans())
+    assert lines[0].startswith("POST /inventory → 200")
+    assert "diagnosis=event_loop_conflict" in lines[line_with(lines, "BackgroundTask sync_inventory ", "✘ error")]
+    assert "diagnosis" not in lines[line_with(lines, "BackgroundTask fails_plainly ", "✘ error")]
+
+
+def test_version() -> None:
+    result = subprocess.run([OTEL_BGTASKS, "--version"], capture_output=True, text=True, timeout=30, check=False)
+    assert (result.returncode, result.stdout) == (0, f"otel-bgtasks {otel_bgtasks.__version__}\n")
 
 
 def test_blocking_task_is_flagged(lines: list[str]) -> None:

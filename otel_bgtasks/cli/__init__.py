@@ -4,6 +4,7 @@ Usage (needs the ``demo`` extra: ``pip install 'otel_bgtasks[demo]'``)::
 
     otel-bgtasks demo                 # or: otel-bgtasks, or: python -m otel_bgtasks.cli demo
     otel-bgtasks demo --otlp-endpoint http://localhost:4318   # send the spans to a collector instead
+    otel-bgtasks --version
 
 Modules:
 
@@ -22,6 +23,8 @@ import argparse
 import sys
 from collections.abc import Generator, Sequence
 from contextlib import contextmanager
+
+from otel_bgtasks.version import __version__
 
 INSTALL_DEMO_EXTRA = "pip install 'otel_bgtasks[demo]'"
 
@@ -44,6 +47,7 @@ def demo_extra() -> Generator[None]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``otel-bgtasks`` console script; returns the exit status."""
     parser = argparse.ArgumentParser(prog="otel-bgtasks", description="Tools for otel_bgtasks.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.set_defaults(command="demo", otlp_endpoint=None)
     commands = parser.add_subparsers(title="commands", dest="command")
     demo = commands.add_parser(

@@ -141,14 +141,14 @@ class _Delivery:
 
 
 class _LogCapture(logging.Handler):
-    """Holds uvicorn's and otel_bgtasks' log records until the trees are printed, and drops their tracebacks.
+    """Holds uvicorn's and otel_bgtasks' log records and Python's warnings until the trees are printed.
 
-    Each failed task is otherwise logged twice with its full traceback: by otel_bgtasks ("Background
-    task ... failed") and by uvicorn ("Exception in ASGI application"). The trees already say what
-    failed and why.
+    Tracebacks are dropped: each failed task is otherwise logged twice with its full traceback, by
+    otel_bgtasks ("Background task ... failed") and by uvicorn ("Exception in ASGI application"), and
+    the trees already say what failed and why.
     """
 
-    LOGGERS = ("uvicorn.error", "otel_bgtasks")
+    LOGGERS = ("uvicorn.error", "otel_bgtasks", "py.warnings")
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
@@ -158,8 +158,11 @@ class _LogCapture(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if record.name == "uvicorn.error" and record.exc_info:
             self.asgi_tracebacks += 1
-        else:
-            self.records.append(record)
+            return
+        # Not kept: the exception would keep its frames alive, and with them, say, a coroutine that
+        # warns "never awaited" only when it is freed.
+        record.exc_info = None
+        self.records.append(record)
 
     def tree(self) -> Tree:
         """One line per record, tracebacks left out."""
@@ -168,12 +171,16 @@ class _LogCapture(logging.Handler):
             label.append(f" (and uvicorn's {self.asgi_tracebacks} 'Exception in ASGI application': the ✘ tasks)")
         tree = Tree(label)
         for record in self.records:
-            tree.add(Text(f"{record.levelname} {record.name}: {record.getMessage()}", style="dim"))
+            message = record.getMessage()
+            if record.name == "py.warnings":  # "file:line: Category: message\n  source line": where it was freed
+                message = message.splitlines()[0].split(": ", 1)[-1]
+            tree.add(Text(f"{record.levelname} {record.name}: {message}", style="dim"))
         return tree
 
 
 @contextmanager
 def _capture_logs() -> Generator[_LogCapture]:
+    """Capture the demo's logs and warnings; on exit, collect garbage first, so that its warnings are in."""
     capture = _LogCapture()
     loggers = [logging.getLogger(name) for name in _LogCapture.LOGGERS]
     saved = [(logger.propagate, logger.level) for logger in loggers]
@@ -181,9 +188,12 @@ def _capture_logs() -> Generator[_LogCapture]:
         logger.addHandler(capture)
         logger.propagate = False
         logger.setLevel(min(logger.getEffectiveLevel(), logging.WARNING))
+    logging.captureWarnings(True)
     try:
         yield capture
     finally:
+        gc.collect()
+        logging.captureWarnings(False)
         for logger, (propagate, level) in zip(loggers, saved, strict=True):
             logger.removeHandler(capture)
             logger.propagate = propagate

@@ -35,7 +35,7 @@ with demo_extra():
     )
     from sqlalchemy import ForeignKey, String
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
-    from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+    from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
     from sqlalchemy.pool import StaticPool
 
 tracer = trace.get_tracer(__name__)
@@ -81,6 +81,22 @@ def upload_export(export_id: str) -> None:
     time.sleep(0.01)
 
 
+async def notify_followers(user_id: int) -> None:
+    """Queued the wrong way: ``add_task(notify_followers(user_id))`` hands over a coroutine object."""
+    await asyncio.sleep(0.01)
+
+
+async def fetch_stock(sku: str) -> int:
+    """An ``async def`` helper, as an async client's call would be."""
+    await asyncio.sleep(0.001)
+    return 3
+
+
+async def sync_inventory(sku: str) -> None:
+    """An event-loop conflict: ``asyncio.run`` inside a task that already runs on the server's event loop."""
+    asyncio.run(fetch_stock(sku))  # should be `await fetch_stock(sku)`
+
+
 # -- Routes -----------------------------------------------------------------------------------------
 
 router = APIRouter()
@@ -124,6 +140,21 @@ def sync_route(tasks: BackgroundTasks) -> dict[str, str]:
     return {"status": "export queued"}
 
 
+@router.post("/follow")
+async def follow(tasks: BackgroundTasks) -> dict[str, str]:
+    """The ``add_task(coroutine)`` mistake: the function called instead of passed."""
+    # The mistake: should be add_task(notify_followers, 7). Type checkers catch it; Starlette does not.
+    tasks.add_task(notify_followers(7))  # pyright: ignore[reportArgumentType, reportCallIssue]
+    return {"status": "following"}
+
+
+@router.post("/inventory")
+async def inventory(tasks: BackgroundTasks) -> dict[str, str]:
+    """A task that starts an event loop of its own inside the server's."""
+    tasks.add_task(sync_inventory, "sku-42")
+    return {"status": "syncing"}
+
+
 # -- Database ---------------------------------------------------------------------------------------
 
 
@@ -137,6 +168,7 @@ class User(Base):
     __tablename__ = "users"
     id: Mapped[int] = mapped_column(primary_key=True)
     email: Mapped[str] = mapped_column(String(200))
+    audit_entries: Mapped[list[AuditEntry]] = relationship()  # loaded on first access, by its session
 
 
 class AuditEntry(Base):
@@ -220,6 +252,15 @@ async def record_signup_in(session: AsyncSession, user_id: int) -> None:
     await session.commit()
 
 
+async def send_activity_digest(user: User) -> None:
+    """Wrong: the task touches an ORM object the request loaded, once the request's session has closed.
+
+    Its ``audit_entries`` were never loaded: reading them needs the session, gone with the request.
+    """
+    actions = [entry.action for entry in user.audit_entries]
+    await asyncio.sleep(0.001 * len(actions))  # the e-mail would be sent here
+
+
 @database_router.post("/audit")
 async def audit(tasks: BackgroundTasks, database: DatabaseDependency) -> dict[str, int]:
     """Pass plain values to the task; it opens its own session."""
@@ -235,6 +276,15 @@ async def audit_wrong(tasks: BackgroundTasks, database: DatabaseDependency) -> d
     async with database.session() as session:
         user = await create_user(session, "alan@example.com")
         tasks.add_task(record_signup_in, session, user.id)
+        return {"user_id": user.id}
+
+
+@database_router.post("/digest")
+async def digest(tasks: BackgroundTasks, database: DatabaseDependency) -> dict[str, int]:
+    """Pass an ORM object to the task; the session it belongs to is closed by the time the task runs."""
+    async with database.session() as session:
+        user = await create_user(session, "edsger@example.com")
+        tasks.add_task(send_activity_digest, user)
         return {"user_id": user.id}
 
 
@@ -267,4 +317,7 @@ REQUESTS: Final = (
     DemoRequest("GET", "/sync-route", "a def route queues its task inside its own span"),
     DemoRequest("POST", "/audit", "right: the task opens its own DB session; its queries nest under it"),
     DemoRequest("POST", "/audit-wrong", "wrong: the task reuses the request's session, closed by then"),
+    DemoRequest("POST", "/digest", "wrong: the task reads an ORM object whose session the request closed"),
+    DemoRequest("POST", "/follow", "add_task(notify_followers(7)): a coroutine object instead of the function"),
+    DemoRequest("POST", "/inventory", "an event-loop conflict: asyncio.run() inside an async task"),
 )

@@ -106,22 +106,28 @@ def trace_tree(spans: Sequence[ReadableSpan], status: str, shows: str) -> Tree:
         if span.name.endswith(_HIDDEN_SUFFIXES) or (span.name in _HIDDEN_LEAVES and not kids):
             return
         node = parent.add(_label(span))
-        if span.status.status_code is StatusCode.ERROR:
-            error = str((span.attributes or {}).get(semconv.ERROR_TYPE, "error"))
-            description = span.status.description
-            node.add(Text(f"{error}: {description}" if description else error, style="red"))
-        for warning in _warnings(span):
-            node.add(Text(f"⚠ {warning}", style="yellow"))
+        _add_details(node, span)
         for kid in kids:
             add(node, kid)
 
+    _add_details(tree, root)  # a route with no span of its own records its events on the request span
     for span in children[_span_id(root)]:
         add(tree, span)
     return tree
 
 
+def _add_details(node: Tree, span: ReadableSpan) -> None:
+    """Under the span's line: its error, and what otel_bgtasks' events on it warn about."""
+    if span.status.status_code is StatusCode.ERROR:
+        error = str((span.attributes or {}).get(semconv.ERROR_TYPE, "error"))
+        description = span.status.description
+        node.add(Text(f"{error}: {description}" if description else error, style="red"))
+    for warning in _warnings(span):
+        node.add(Text(f"⚠ {warning}", style="yellow"))
+
+
 def _warnings(span: ReadableSpan) -> list[str]:
-    """What otel_bgtasks' events on ``span`` warn about: a task that blocked the loop, an invalid task."""
+    """What otel_bgtasks' events on ``span`` warn about: a blocked loop, an invalid task, a session handed over."""
     warnings: list[str] = []
     for event in span.events:
         attributes = event.attributes or {}
@@ -131,6 +137,8 @@ def _warnings(span: ReadableSpan) -> list[str]:
             warnings.append(f"blocked the event loop{seconds} without awaiting: nothing else on the loop ran meanwhile")
         elif event.name == semconv.EVENT_INVALID:
             warnings.append(f"invalid task: {attributes.get(semconv.PROBLEM)}")
+        elif event.name == semconv.EVENT_SESSION_HANDED_OVER:
+            warnings.append(f"given the request's database session or ORM objects: {attributes.get(semconv.PROBLEM)}")
     return warnings
 
 
@@ -158,4 +166,7 @@ def _label(span: ReadableSpan) -> Text:
     if isinstance(queued, float):
         label.append(f"  queued {queued * 1e3:.1f} ms", style="dim")
     label.append(f"  {attributes.get(semconv.EXECUTION, '?')}", style="dim")
+    diagnosis = attributes.get(semconv.DIAGNOSIS)
+    if diagnosis is not None:
+        label.append(f"  diagnosis={diagnosis}", style="bold yellow")
     return label
