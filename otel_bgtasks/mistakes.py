@@ -16,8 +16,10 @@ from typing import Final
 
 _logger = logging.getLogger("otel_bgtasks")
 
-# Frames of these packages are skipped when looking for the line that created a task.
+# Frames of these packages are skipped when looking for the line that created a task; the demo app
+# in otel_bgtasks.cli is the user's code there.
 _FRAMEWORK_MODULES: Final = ("starlette.", "fastapi.", "otel_bgtasks.", "wrapt.")
+_USER_MODULES: Final = ("otel_bgtasks.cli.",)
 
 
 def invalid_task_problem(func: object) -> str | None:
@@ -46,9 +48,13 @@ def discard(func: object) -> None:
 def creation_site() -> str:
     """``file:line`` of the user's code that is creating a task (first frame outside the frameworks)."""
     frame = sys._getframe(1)  # pyright: ignore[reportPrivateUsage]
-    while frame.f_back is not None and str(frame.f_globals.get("__name__", "")).startswith(_FRAMEWORK_MODULES):
+    while frame.f_back is not None and _is_framework(str(frame.f_globals.get("__name__", ""))):
         frame = frame.f_back
     return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+
+
+def _is_framework(module: str) -> bool:
+    return module.startswith(_FRAMEWORK_MODULES) and not module.startswith(_USER_MODULES)
 
 
 def report_dropped(function_name: str, site: str | None) -> None:

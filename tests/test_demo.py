@@ -3,6 +3,7 @@ set once per process, and conftest already set this one's), against a real uvico
 
 from __future__ import annotations
 
+import inspect
 import io
 import os
 import subprocess
@@ -23,6 +24,7 @@ from opentelemetry.trace import SpanKind
 from rich.console import Console
 
 import otel_bgtasks
+from otel_bgtasks.cli import demo_app
 from otel_bgtasks.cli.trees import trace_tree
 
 TASKS = (
@@ -198,6 +200,9 @@ def test_coroutine_object_instead_of_the_function(lines: list[str]) -> None:
     assert fix in with_next(lines, warning)
     logged = line_with(lines, "ERROR otel_bgtasks: add_task()/BackgroundTask() was given a coroutine object")
     assert fix in with_next(lines, logged)
+    source, first = inspect.getsourcelines(demo_app.follow)
+    line = first + next(i for i, text in enumerate(source) if "tasks.add_task(notify_followers(7))" in text)
+    assert f"(at {demo_app.__file__}:{line})" in with_next(lines, logged)  # the route's line, not the server's
 
 
 def test_recognised_failures_show_their_diagnosis(lines: list[str]) -> None:
