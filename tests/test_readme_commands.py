@@ -533,6 +533,17 @@ def check_demo(ran: Ran, received: Received) -> None:
         assert expected in ran.stdout, ran.output
 
 
+def check_watch(ran: Ran, received: Received) -> None:
+    assert_clean(ran)
+    for expected in (
+        "POST /order → 200",
+        "BackgroundTask charge_card  ✘ error",
+        "BackgroundTask send_receipt  ⏭ skipped",
+    ):
+        assert expected in ran.stdout, ran.output
+    assert "Stopping reloader process" in ran.stderr, ran.output  # stopped by the one SIGINT, as by Ctrl+C
+
+
 def check_promtool(ran: Ran, received: Received) -> None:
     if shutil.which("promtool") is None:
         pytest.skip("promtool is not installed (.ci/run installs Debian's prometheus package)")
@@ -555,6 +566,10 @@ SERVERS: dict[str, tuple[str | None, Check]] = {
     "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=background_tasks opentelemetry-instrument uvicorn myapp:app  # off": (
         "curl -X POST 'localhost:8000/signup?address=off'",
         check_disabled,
+    ),
+    "otel-bgtasks watch -- uvicorn examples.fastapi_app:app --reload": (
+        "curl -X POST localhost:8000/order",
+        check_watch,
     ),
 }
 # Commands that run and end (the part after a set-up command's installs).

@@ -4,6 +4,8 @@ Usage (needs the ``demo`` extra: ``pip install 'otel_bgtasks[demo]'``)::
 
     otel-bgtasks demo                 # or: otel-bgtasks, or: python -m otel_bgtasks.cli demo
     otel-bgtasks demo --otlp-endpoint http://localhost:4318   # send the spans to a collector instead
+    otel-bgtasks watch -- uvicorn myapp:app --reload          # your own app, one tree per request
+    otel-bgtasks watch --otlp-endpoint http://localhost:4318 -- uvicorn myapp:app   # and send them on
     otel-bgtasks --version
 
 Modules:
@@ -11,6 +13,8 @@ Modules:
 - :mod:`~otel_bgtasks.cli.demo`: ``otel-bgtasks demo`` serves the demo app on 127.0.0.1, calls
   each route once and prints every request's trace as a tree.
 - :mod:`~otel_bgtasks.cli.demo_app`: the demo's routes and tasks, one per situation worth seeing.
+- :mod:`~otel_bgtasks.cli.watch`: ``otel-bgtasks watch`` runs a command traced and prints its trees.
+- :mod:`~otel_bgtasks.cli.receiver`: the OTLP/HTTP endpoint on 127.0.0.1 that ``watch`` gets the spans from.
 - :mod:`~otel_bgtasks.cli.trees`: spans to rich trees, one per request.
 
 Importing this package imports nothing optional; the commands' modules raise :class:`MissingExtraError`,
@@ -61,7 +65,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="URL",
         help="send the spans over OTLP/HTTP to this collector (e.g. http://localhost:4318) instead of printing them",
     )
+    watch = commands.add_parser(
+        "watch",
+        help="run your app's command traced and print each request's trace as a tree",
+        description="Run COMMAND (say, uvicorn myapp:app --reload) with the OpenTelemetry SDK set up as "
+        "opentelemetry-instrument does, and print each request's trace as a tree, with its background tasks, "
+        "among the command's own output. Ctrl-C stops it; its exit status is ours.",
+    )
+    watch.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        help="also send the spans on over OTLP/HTTP to this collector (e.g. http://localhost:4318)",
+    )
+    watch.add_argument("argv", metavar="COMMAND", nargs=argparse.REMAINDER, help="the command to run, after --")
     args = parser.parse_args(argv)
+    if args.command == "watch":
+        command: list[str] = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+        if not command:
+            watch.error("say which command to run, e.g. otel-bgtasks watch -- uvicorn myapp:app --reload")
+        try:
+            from otel_bgtasks.cli.watch import run_watch
+        except MissingExtraError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+        return run_watch(command, otlp_endpoint=args.otlp_endpoint)
     try:
         from otel_bgtasks.cli.demo import run_demo
     except MissingExtraError as exc:

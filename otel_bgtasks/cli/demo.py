@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Generator, Sequence
@@ -18,7 +17,8 @@ from contextlib import contextmanager
 from opentelemetry import trace
 
 from otel_bgtasks.cli import demo_app, demo_extra
-from otel_bgtasks.cli.trees import LEGEND, is_task, request_traces, trace_tree
+from otel_bgtasks.cli.receiver import traces_url
+from otel_bgtasks.cli.trees import LEGEND, is_task, request_traces, trace_tree, tree_console
 
 with demo_extra():
     import httpx
@@ -38,10 +38,7 @@ SERVICE = "otel-bgtasks-demo"
 
 def run_demo(otlp_endpoint: str | None = None, console: Console | None = None) -> int:
     """Run the demo against the global tracer provider, setting an SDK one first if there is none."""
-    if console is None:
-        console = Console(highlight=False)
-        if not console.is_terminal and "COLUMNS" not in os.environ:
-            console.width = 120  # piped or captured: rich's fallback of 80 columns wraps most task lines
+    console = console if console is not None else tree_console()
     provider = _sdk_provider()
     if provider is None:
         console.print("[red]The global tracer provider is not the OpenTelemetry SDK's: the demo cannot read its spans.")
@@ -108,9 +105,7 @@ class _Delivery:
     """Spans sent over OTLP/HTTP, and how many got through, which the batch processor won't say."""
 
     def __init__(self, endpoint: str) -> None:
-        # Accept the collector's base URL (as OTEL_EXPORTER_OTLP_ENDPOINT does) or its /v1/traces URL.
-        endpoint = endpoint.rstrip("/")
-        self.endpoint = endpoint if endpoint.endswith("/v1/traces") else endpoint + "/v1/traces"
+        self.endpoint = traces_url(endpoint)
         self.sent = 0
 
     def processor(self) -> SpanProcessor:
