@@ -32,6 +32,7 @@ import asyncio
 import functools
 import logging
 import threading
+import weakref
 from collections.abc import Awaitable, Callable, Generator, Mapping, MutableMapping
 from contextvars import ContextVar
 from typing import Any, Final
@@ -74,7 +75,10 @@ class _Split:
 
     def __init__(self, middleware: object) -> None:
         self.middleware = middleware
-        self.task = _current_task()
+        task = _current_task()
+        # Weakly: copies of the request's context (anyio 3's idle worker thread keeps its last job's) hold the
+        # split, and the task's context whatever the request left in it (sentry-sdk 2.0: its last exception).
+        self._task = None if task is None else weakref.ref(task)
         self.called = False  # contrib has called its app, through the stand-in
         self.paused = False  # contrib's call has returned at the response's end; the rest of the app waits
         self._complete = False
@@ -85,6 +89,11 @@ class _Split:
         # what the event loop sent (or threw, the flag) to it, not yet delivered.
         self._resume: tuple[Any, bool, Any] = (_NOTHING, False, None)
         self._context: otel_context.Context | None = None
+
+    @property
+    def task(self) -> object | None:
+        """The asyncio task that called contrib's middleware, while it exists (None under trio)."""
+        return None if self._task is None else self._task()
 
     def call(self, app: App, scope: Message, receive: Receive, send: Send) -> Awaitable[None]:
         """Contrib's ``self.app(scope, receive, send)``: the app, watched, returning when the response is complete."""

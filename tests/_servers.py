@@ -115,6 +115,25 @@ def recording(name: str, level: int = logging.DEBUG) -> Iterator[Records]:
         logger.setLevel(saved)
 
 
+@contextmanager
+def records_not_retained(name: str) -> Iterator[None]:
+    """Keep pytest's log capture from holding on to the records of logger ``name``.
+
+    A record with ``exc_info`` keeps the exception, and its traceback's frames every object they refer
+    to; pytest keeps every record until the test ends, a production handler formats it and lets it go.
+    """
+    logger = logging.getLogger(name)
+    handler = logging.NullHandler()
+    propagate = logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.propagate = propagate
+        logger.removeHandler(handler)
+
+
 class Countdown:
     """A thread-safe count of finished tasks that sets ``done`` at zero."""
 

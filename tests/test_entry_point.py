@@ -151,6 +151,10 @@ def run_instrumented(
             **env,
         }
     )
+    # The test extra installs opentelemetry-instrumentation-logging (for the log-correlation tests): loaded
+    # here, it would route otel_bgtasks' WARNINGs to the OTel logs pipeline ("none") instead of stderr.
+    disabled = environ.get("OTEL_PYTHON_DISABLED_INSTRUMENTATIONS")
+    environ["OTEL_PYTHON_DISABLED_INSTRUMENTATIONS"] = f"{disabled},logging" if disabled else "logging"
     completed = subprocess.run(
         [
             str(INSTRUMENT),

@@ -29,19 +29,18 @@ from starlette.routing import Route
 import otel_bgtasks
 from otel_bgtasks.config import Options, resolve
 
-ORIGINALS = {
-    "BackgroundTask.__init__": vars(background.BackgroundTask)["__init__"],
-    "BackgroundTask.__call__": vars(background.BackgroundTask)["__call__"],
-    "BackgroundTasks.__call__": vars(background.BackgroundTasks)["__call__"],
-}
-
 
 def current_attributes() -> dict[str, Any]:
+    """Every attribute of starlette.background that otel_bgtasks patches, as it is now."""
     return {
         "BackgroundTask.__init__": vars(background.BackgroundTask)["__init__"],
         "BackgroundTask.__call__": vars(background.BackgroundTask)["__call__"],
         "BackgroundTasks.__call__": vars(background.BackgroundTasks)["__call__"],
+        "run_in_threadpool": background.run_in_threadpool,
     }
+
+
+ORIGINALS = current_attributes()  # at import, before any test instruments anything
 
 
 def starlette_app(**kwargs: Any) -> Starlette:

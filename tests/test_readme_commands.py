@@ -369,6 +369,9 @@ def environment() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "FASTAPI_OTEL_", "SENTRY_"))}
     env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])
     env["PYTHONPATH"] = str(REPO)
+    # The test extra installs opentelemetry-instrumentation-logging (for the log-correlation tests), the README
+    # does not: loaded here, it would route every WARNING to the OTel logs pipeline ("none") instead of stderr.
+    env["OTEL_PYTHON_DISABLED_INSTRUMENTATIONS"] = "logging"
     return env
 
 

@@ -23,7 +23,7 @@ import httpx
 import pytest
 import sentry_sdk
 import wrapt
-from _servers import WAIT_SECONDS, Countdown, closed_port, get_many, recording, serving
+from _servers import WAIT_SECONDS, Countdown, closed_port, get_many, recording, records_not_retained, serving
 from _spans import add_work_route, assert_each_request_keeps_its_tasks, tag_task_span
 from conftest import task_spans
 from fastapi import BackgroundTasks, FastAPI
@@ -122,26 +122,6 @@ def live(kind: type[Any], where: Callable[[Any], bool] = lambda _: True) -> int:
 def rss_bytes() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-@contextmanager
-def records_not_retained(name: str) -> Iterator[None]:
-    """Keep pytest's log capture from holding on to the records of logger ``name``.
-
-    The SDK's export-failure records carry the exception, whose traceback frames pin the whole span
-    batch being exported; pytest keeps every record until the test ends, a production handler formats
-    it and lets it go.
-    """
-    logger = logging.getLogger(name)
-    handler = logging.NullHandler()
-    propagate = logger.propagate
-    logger.addHandler(handler)
-    logger.propagate = False
-    try:
-        yield
-    finally:
-        logger.propagate = propagate
-        logger.removeHandler(handler)
 
 
 @contextmanager
@@ -249,6 +229,7 @@ async def test_exporter_endpoint_down_tasks_run_memory_bounded_loop_unblocked() 
 
     served = otel_bgtasks.instrument(app, tracer_provider=provider, meter_provider=meter_provider)
     try:
+        # The SDK's export-failure records carry the exception, whose frames pin the span batch being exported.
         with records_not_retained("opentelemetry"), earlier_objects_frozen(), serving(served) as server:
             paths = [f"/work/{i}" for i in range(ENDPOINT_DOWN_REQUESTS)]
             warmup = await get_many(server.url, paths[:ENDPOINT_DOWN_WARMUP], ENDPOINT_DOWN_CONCURRENCY)
@@ -817,3 +798,56 @@ async def test_graceful_shutdown_cancels_running_task_and_its_span_is_exported()
     assert active == [0]
     outcomes = {a["background_task.outcome"]: value for a, value in metric_points(reader, "background_task.outcomes")}
     assert outcomes == {"cancelled": 1}
+
+
+@pytest.mark.parametrize("continue_on_error", [False, True], ids=["default", "continue_on_error"])
+async def test_shutdown_mid_list_shows_the_tasks_never_run_as_skipped(
+    tracer_provider: TracerProvider, exporter: InMemorySpanExporter, continue_on_error: bool
+) -> None:
+    """The first task is cancelled at the graceful-shutdown deadline: the ones after it never run."""
+    started = threading.Event()
+    ran: list[str] = []
+
+    async def wait_for_payment() -> None:
+        started.set()
+        await asyncio.Event().wait()  # never set
+
+    def send_receipt() -> None:
+        ran.append("receipt")
+
+    async def update_stats() -> None:
+        ran.append("stats")
+
+    app = make_app()
+
+    @app.get("/checkout")
+    async def checkout(background_tasks: BackgroundTasks) -> dict[str, int]:
+        for task in (wait_for_payment, send_receipt, update_stats):
+            background_tasks.add_task(task)
+        return {"queued": 3}
+
+    served = otel_bgtasks.instrument(app, tracer_provider=tracer_provider, continue_on_error=continue_on_error)
+    with recording("otel_bgtasks") as ours, serving(served, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=WAIT_SECONDS) as client:
+            assert (await client.get("/checkout")).json() == {"queued": 3}
+        assert started.wait(WAIT_SECONDS), "the first task did not start"
+        server.stop()
+
+    assert ran == []
+    spans = {
+        str(s.attributes["code.function.name"]).rsplit(".", 1)[-1]: (
+            s.attributes["background_task.outcome"],
+            s.attributes["background_task.index"],
+        )
+        for s in task_spans(exporter)
+        if s.attributes
+    }
+    assert spans == {
+        "wait_for_payment": ("cancelled", 0),
+        "send_receipt": ("skipped", 1),
+        "update_stats": ("skipped", 2),
+    }
+    (warning,) = [r.getMessage() for r in ours.records if r.levelno >= logging.WARNING]
+    assert warning.startswith("Skipped 2 background task(s) because their BackgroundTasks was cancelled")
+    assert "send_receipt" in warning and "update_stats" in warning
+    assert "failed" not in warning

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import gzip
 import json
 import socket
 import subprocess
 import sys
 import threading
+import time
+import weakref
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import FrameType
 from typing import Any
 
+import anyio.to_thread
 import httpx
 import pytest
 import sentry_sdk
+from _servers import records_not_retained
 from conftest import task_spans
 from fastapi import BackgroundTasks, FastAPI
 from opentelemetry import trace
@@ -279,3 +286,93 @@ async def test_builtin_exception_is_one_event_too(receiver: EnvelopeReceiver, tr
     (event,) = receiver.events
     assert event["exception"]["values"][-1]["type"] == "KeyError"
     assert event["tags"]["background_task"] == "lookup"
+
+
+# -- Off the happy path: memory, and a sync task's timeout inside BackgroundTasks -----------------
+
+
+class Held:
+    """An object that only the failed task's frame refers to."""
+
+
+class OutOfStock(Exception):
+    pass
+
+
+def forget_the_last_job() -> None:
+    """Run on an idle anyio worker thread: let go of what its previous job left behind.
+
+    anyio 3's worker keeps its last job (its future, its exception) among the local variables of its loop
+    until the next job, and anything that once read them (Sentry's logging integration walks the frames
+    of the failure record's traceback) keeps a copy. Reading them again, now, refreshes that copy.
+    """
+    frame: FrameType | None = sys._getframe()
+    while frame is not None:
+        frame.f_locals  # noqa: B018  # the read is the point
+        frame = frame.f_back
+
+
+@pytest.mark.parametrize("initialised", [False, True], ids=["sentry-imported-only", "sentry-initialised"])
+@pytest.mark.parametrize("kind", ["def", "async def"])
+async def test_failed_task_exception_and_its_frames_are_freed(
+    receiver: EnvelopeReceiver,
+    tracer_provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    initialised: bool,
+    kind: str,
+) -> None:
+    """Nothing otel_bgtasks keeps (the Sentry forwarder included) holds a failure once it is reported."""
+    if initialised:
+        init_sentry(receiver.dsn, framework_integrations=True)
+    alive: list[weakref.ref[object]] = []
+
+    def reserve_stock() -> None:
+        held = Held()
+        error = OutOfStock("sku-1")
+        alive.extend((weakref.ref(held), weakref.ref(error)))
+        raise error
+
+    async def reserve_stock_async() -> None:
+        reserve_stock()
+
+    task = reserve_stock if kind == "def" else reserve_stock_async
+    app = otel_bgtasks.instrument(app_with((task, ())), tracer_provider=tracer_provider)
+    with records_not_retained("otel_bgtasks"):  # pytest's log capture would keep the failure record
+        # In a task of its own, as a server runs each request: context variables set while serving it
+        # (sentry-sdk 2.0's DedupeIntegration keeps the last exception it saw in one) go with it.
+        await asyncio.create_task(post(app))
+    sentry_sdk.flush(timeout=5)
+
+    (span,) = task_spans(exporter)
+    assert span.end_time is not None and span.attributes is not None
+    assert span.attributes["background_task.outcome"] == "error"
+    assert len(receiver.events) == (1 if initialised else 0)
+    await anyio.to_thread.run_sync(forget_the_last_job)
+    gc.collect()
+    assert len(alive) == 2
+    assert [ref() for ref in alive] == [None, None], "the failed task's exception or its frames are still alive"
+
+
+async def test_sync_timeout_inside_background_tasks_is_one_event(
+    receiver: EnvelopeReceiver, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    """FastAPI's normal case: ``add_task`` in a route, and the ``def`` task overruns its timeout."""
+    init_sentry(receiver.dsn, framework_integrations=True)
+
+    @otel_bgtasks.task_options(timeout=0.01)
+    def export_report() -> None:
+        time.sleep(0.05)  # the overrun itself, not synchronisation
+
+    app = otel_bgtasks.instrument(app_with((export_report, ())), tracer_provider=tracer_provider)
+    response = await post(app)
+    sentry_sdk.flush(timeout=5)
+
+    assert response.json() == {"order": 7}
+    (span,) = task_spans(exporter)
+    assert span.attributes is not None and span.attributes["background_task.outcome"] == "timeout"
+    (event,) = receiver.events
+    assert event["tags"]["background_task.outcome"] == "timeout"
+    assert event["contexts"]["background_task"]["outcome"] == "timeout"
+    assert event["tags"]["otel.span_id"] == trace.format_span_id(span.context.span_id)
+    assert event["exception"]["values"][-1]["type"] == "TimeoutError"
+    assert "over its 0.01 s timeout" in event["exception"]["values"][-1]["value"]

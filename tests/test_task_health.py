@@ -5,17 +5,22 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import anyio.to_thread
 import httpx
 import pytest
-from conftest import task_spans
+from _servers import WAIT_SECONDS
+from conftest import HAS_NATIVE_TELEMETRY, task_spans
+from fastapi import BackgroundTasks as FastAPIBackgroundTasks
+from fastapi import FastAPI
 from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader, Metric
@@ -31,6 +36,7 @@ from starlette.routing import Route
 import otel_bgtasks
 
 FUNC = "code.function.name"
+WITHOUT_NATIVE_TELEMETRY: dict[str, Any] = {"telemetry": {"tracing": False}} if HAS_NATIVE_TELEMETRY else {}
 
 
 @pytest.fixture
@@ -177,31 +183,39 @@ async def test_task_that_awaits_often_is_not_flagged(instrument: Any, exporter: 
     assert [e.name for e in span.events] == []
 
 
-async def test_threadpool_wait_measured_when_the_limiter_is_saturated(
-    instrument: Any, exporter: InMemorySpanExporter
-) -> None:
-    instrument()
+@asynccontextmanager
+async def the_only_worker_thread_busy() -> AsyncIterator[threading.Event]:
+    """anyio's thread pool cut to one thread, which another job holds until the event yielded is set."""
     limiter = anyio.to_thread.current_default_thread_limiter()
     saved = limiter.total_tokens
     limiter.total_tokens = 1
-    hold = threading.Event()
+    release = threading.Event()
     holding = threading.Event()
 
     def occupy_the_only_thread() -> None:
         holding.set()
-        hold.wait(5)
+        release.wait(WAIT_SECONDS)
 
+    occupant = asyncio.ensure_future(anyio.to_thread.run_sync(occupy_the_only_thread))
     try:
-        occupant = asyncio.ensure_future(anyio.to_thread.run_sync(occupy_the_only_thread))
         # Wait off anyio's limiter, whose only token the occupant now holds.
         await asyncio.get_running_loop().run_in_executor(None, holding.wait)
+        yield release
+    finally:
+        release.set()
+        await occupant
+        limiter.total_tokens = saved
+
+
+async def test_threadpool_wait_measured_when_the_limiter_is_saturated(
+    instrument: Any, exporter: InMemorySpanExporter
+) -> None:
+    instrument()
+    async with the_only_worker_thread_busy() as release:
         queued = asyncio.ensure_future(BackgroundTask(ok)())
         await asyncio.sleep(0.1)  # not synchronisation: the wait being measured
-        hold.set()
+        release.set()
         await queued
-        await occupant
-    finally:
-        limiter.total_tokens = saved
 
     (span,) = task_spans(exporter)
     assert span.attributes is not None
@@ -300,6 +314,9 @@ async def test_every_failure_is_one_error_log_record_with_trace_ids(
     assert trace.format_trace_id(span.context.trace_id) in message
     assert trace.format_span_id(span.context.span_id) in message
     assert record.exc_info is not None and isinstance(record.exc_info[1], ValueError)
+    # The fields log pipelines correlate on, not only the text.
+    assert record.otelTraceID == trace.format_trace_id(span.context.trace_id)
+    assert record.otelSpanID == trace.format_span_id(span.context.span_id)
 
 
 async def test_cancelled_task_is_not_a_failure(instrument: Any, caplog: pytest.LogCaptureFixture) -> None:
@@ -412,3 +429,256 @@ async def test_tasks_that_ran_or_were_skipped_are_not_dropped(
         gc.collect()
     assert "never run" not in caplog.text
     assert "Skipped 1 background task(s)" in caplog.text
+
+
+# -- Off the happy path: metrics --------------------------------------------------------------------
+
+
+def counts(reader: InMemoryMetricReader, name: str) -> dict[tuple[str, ...], Any]:
+    """The points of observable counter ``name``: value by (bare function name, then other attribute values)."""
+    metric = metrics_by_name(reader).get(name)
+    if metric is None:
+        return {}
+    result: dict[tuple[str, ...], Any] = {}
+    for key, point in points(metric).items():
+        attributes = dict(key)
+        function = str(attributes.pop(FUNC)).rsplit(".", 1)[-1]
+        result[(function, *(str(attributes[k]) for k in sorted(attributes)))] = point.value
+    return result
+
+
+THREADS = 2
+REQUESTS_PER_THREAD = 100
+TASKS_PER_REQUEST = 50  # 10,000 tasks: racy counts lost some in about half the runs
+
+
+async def test_counts_are_exact_with_event_loops_in_several_threads(reader: InMemoryMetricReader) -> None:
+    """Each thread runs its own event loop serving requests, as several uvicorn workers in threads would."""
+    # Spans off: the count updates are then a large share of each task's work, and a race shows sooner.
+    otel_bgtasks.instrument(tracer_provider=trace.NoOpTracerProvider(), meter_provider=MeterProvider([reader]))
+    app = FastAPI(**WITHOUT_NATIVE_TELEMETRY)
+
+    async def count_visit(visit: int) -> None:
+        pass
+
+    @app.get("/visit/{visit}")
+    async def visit(visit: int, background_tasks: FastAPIBackgroundTasks) -> dict[str, int]:
+        for _ in range(TASKS_PER_REQUEST):
+            background_tasks.add_task(count_visit, visit)
+        return {"visit": visit}
+
+    together = threading.Barrier(THREADS)
+    statuses: list[int] = []
+
+    async def serve() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            together.wait(WAIT_SECONDS)
+            responses = await asyncio.gather(*(client.get(f"/visit/{i}") for i in range(REQUESTS_PER_THREAD)))
+        statuses.extend(r.status_code for r in responses)
+
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: a racy update shows sooner
+    try:
+        threads = [threading.Thread(target=asyncio.run, args=(serve(),)) for _ in range(THREADS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT_SECONDS)
+    finally:
+        sys.setswitchinterval(switch_interval)
+
+    requests = THREADS * REQUESTS_PER_THREAD
+    assert statuses == [200] * requests
+    assert counts(reader, "background_task.outcomes") == {
+        ("count_visit", "async", "success"): requests * TASKS_PER_REQUEST
+    }
+    assert counts(reader, "background_task.active") == {("count_visit", "async"): 0}
+
+
+async def test_uninstrument_then_instrument_with_the_same_meter_provider_keeps_counting(
+    tracer_provider: TracerProvider, reader: InMemoryMetricReader
+) -> None:
+    """The SDK hands back the instruments it has for a name: the counts behind them must stay live."""
+    meter_provider = MeterProvider([reader])
+    otel_bgtasks.instrument(tracer_provider=tracer_provider, meter_provider=meter_provider)
+    await BackgroundTask(ok)()
+    otel_bgtasks.uninstrument()
+    otel_bgtasks.instrument(tracer_provider=tracer_provider, meter_provider=meter_provider)
+    release = asyncio.Event()
+    started = asyncio.Event()
+
+    async def long_running() -> None:
+        started.set()
+        await release.wait()
+
+    await BackgroundTask(ok)()
+    running = asyncio.ensure_future(BackgroundTask(long_running)())
+    await started.wait()
+
+    assert counts(reader, "background_task.outcomes") == {("ok", "threadpool", "success"): 2}
+    assert counts(reader, "background_task.active") == {("ok", "threadpool"): 0, ("long_running", "async"): 1}
+    release.set()
+    await running
+    assert counts(reader, "background_task.active") == {("ok", "threadpool"): 0, ("long_running", "async"): 0}
+
+
+async def test_blocked_counts_async_tasks_that_held_the_loop(instrument: Any, reader: InMemoryMetricReader) -> None:
+    """``background_task.blocked``: alert on it rather than on the WARNING, logged once per function."""
+    instrument(blocking_threshold=0.05)
+
+    async def resize_images() -> None:
+        time.sleep(0.06)  # the classic mistake, and the time it holds the loop
+
+    async def polite() -> None:
+        await asyncio.sleep(0)
+
+    for task in (resize_images, resize_images, polite):
+        await BackgroundTask(task)()
+
+    blocked = metrics_by_name(reader)["background_task.blocked"]
+    assert blocked.unit == "{task}"
+    assert [sorted(key) for key in points(blocked)] == [
+        [("background_task.execution", "async"), (FUNC, resize_images.__module__ + "." + resize_images.__qualname__)]
+    ]
+    assert counts(reader, "background_task.blocked") == {("resize_images", "async"): 2}
+
+
+async def test_skipped_warning_names_the_environment_variable_too(
+    instrument: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Apps instrumented with ``opentelemetry-instrument`` never call ``instrument()``: tell them the variable."""
+    instrument()
+    with caplog.at_level(logging.WARNING, logger="otel_bgtasks"), pytest.raises(ValueError):
+        await BackgroundTasks([BackgroundTask(fail), BackgroundTask(never)])()
+
+    (warning,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Skipped ")]
+    assert "because an earlier task in the same BackgroundTasks failed" in warning
+    assert "continue_on_error=True" in warning
+    assert "OTEL_PYTHON_BGTASKS_CONTINUE_ON_ERROR=true" in warning
+
+
+# -- Off the happy path: timeouts and delays ---------------------------------------------------------
+
+
+async def test_sync_timeout_counts_from_the_start_on_a_worker_thread(
+    instrument: Any, exporter: InMemorySpanExporter
+) -> None:
+    """A quick ``def`` task that waited for a worker longer than its timeout did not overrun it."""
+    instrument()
+
+    @otel_bgtasks.task_options(timeout=0.05)
+    def quick() -> None:
+        pass
+
+    async with the_only_worker_thread_busy() as release:
+        queued = asyncio.ensure_future(BackgroundTask(quick)())
+        await asyncio.sleep(0.1)  # not synchronisation: the wait for a worker, twice the timeout
+        release.set()
+        await queued
+
+    spans = {s.name.rsplit(".", 1)[-1]: s.attributes for s in task_spans(exporter)}
+    quick_span = spans["quick"]
+    assert quick_span is not None
+    assert quick_span["background_task.threadpool.wait"] >= 0.1
+    assert quick_span["background_task.timeout"] == 0.05
+    assert quick_span["background_task.outcome"] == "success"
+
+
+async def test_async_timeout_message_does_not_blame_threads(instrument: Any, exporter: InMemorySpanExporter) -> None:
+    """An async task that never awaits cannot be cancelled either: the message says why, correctly."""
+    instrument(timeout=0.02)
+
+    async def crunch_numbers() -> None:
+        time.sleep(0.05)  # holds the loop past the timeout: no await, so no cancellation
+
+    await BackgroundTask(crunch_numbers)()
+
+    (span,) = task_spans(exporter)
+    assert span.attributes is not None and span.attributes["background_task.outcome"] == "timeout"
+    message = str(span.status.description)
+    assert "over its 0.02 s timeout" in message
+    assert "sync task" not in message
+    assert "thread" not in message
+
+
+async def test_queue_delay_is_in_seconds(
+    instrument: Any, reader: InMemoryMetricReader, exporter: InMemorySpanExporter
+) -> None:
+    """Span attribute and histogram: at least the time the route held the task back, in seconds not ms."""
+    instrument(queue_duration_metric=True)
+    app = FastAPI(**WITHOUT_NATIVE_TELEMETRY)
+
+    @app.get("/")
+    async def route(background_tasks: FastAPIBackgroundTasks) -> dict[str, bool]:
+        background_tasks.add_task(ok)
+        await asyncio.sleep(0.1)  # not synchronisation: the delay being measured (the task waits for the response)
+        return {"ok": True}
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        assert (await client.get("/")).json() == {"ok": True}
+
+    (span,) = task_spans(exporter)
+    assert span.attributes is not None
+    assert 0.1 <= span.attributes["background_task.queue.duration"] < 10  # in ms it would be >= 100
+    (point,) = points(metrics_by_name(reader)["background_task.queue.duration"]).values()
+    assert point.count == 1
+    assert 0.1 <= point.sum < 10
+
+
+@pytest.fixture
+def log_correlation() -> Iterator[None]:
+    """OpenTelemetry's logging instrumentation injecting trace context into every record.
+
+    What ``OTEL_PYTHON_LOG_CORRELATION=true`` turns on, without touching the root logger's format:
+    ``inject_trace_context`` for newer releases (older ones always inject), no log export handler.
+    """
+    from opentelemetry.instrumentation.logging import LoggingInstrumentor
+
+    instrumentor = LoggingInstrumentor()
+    instrumentor.instrument(set_logging_format=False, inject_trace_context=True, enable_log_auto_instrumentation=False)
+    try:
+        assert logging.makeLogRecord({}).otelTraceID == "0"  # the record factory is in place
+        yield
+    finally:
+        instrumentor.uninstrument()
+
+
+@pytest.mark.parametrize("continue_on_error", [False, True], ids=["default", "continue_on_error"])
+async def test_failure_records_keep_the_task_ids_with_log_correlation_on(
+    instrument: Any,
+    exporter: InMemorySpanExporter,
+    log_correlation: None,
+    caplog: pytest.LogCaptureFixture,
+    continue_on_error: bool,
+) -> None:
+    """The record factory already sets otelTraceID: each failure's record still arrives, with the task's ids."""
+    instrument(continue_on_error=continue_on_error)
+
+    def fail_sync() -> None:
+        raise ValueError("sync")
+
+    tasks = BackgroundTasks([BackgroundTask(fail_sync), BackgroundTask(fail)])
+    with caplog.at_level(logging.ERROR, logger="otel_bgtasks"):
+        with trace.get_tracer("tests").start_as_current_span("request"):
+            if continue_on_error:
+                await tasks()
+            else:
+                with pytest.raises(ValueError, match="sync"):
+                    await tasks()
+        with pytest.raises(ValueError, match="no stock"):
+            await BackgroundTask(fail)()  # a task on its own, no span current around it
+
+    failed = [s for s in task_spans(exporter) if s.attributes and s.attributes["background_task.outcome"] == "error"]
+    assert len(failed) == (3 if continue_on_error else 2)
+    # One record per failure, named after its task (not "otel_bgtasks failed internally"), with its ids.
+    records = [r for r in caplog.records if r.name == "otel_bgtasks"]
+    assert [(getattr(r, "background_task", r.getMessage()), r.otelTraceID, r.otelSpanID) for r in records] == [
+        (
+            s.attributes and s.attributes["code.function.name"],
+            trace.format_trace_id(s.context.trace_id),
+            trace.format_span_id(s.context.span_id),
+        )
+        for s in failed
+    ]
