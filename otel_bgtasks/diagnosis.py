@@ -100,6 +100,11 @@ _MAX_EXCEPTIONS: Final = 32  # exceptions looked at per failure: chains and grou
 _MAX_MESSAGE: Final = 2000  # characters searched per message: SQLAlchemy appends the SQL statement
 
 
+def misuse(problem: str) -> Diagnosis:
+    """Cause 1: the task was created with something that cannot run; ``problem`` says what, and the fix."""
+    return Diagnosis(semconv.DIAGNOSIS_ADD_TASK_MISUSE, problem)
+
+
 def diagnose(error: BaseException) -> Diagnosis | None:
     """The known mistake behind ``error``, or ``None``; never raises."""
     try:

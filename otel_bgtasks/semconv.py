@@ -43,6 +43,7 @@ OUTCOME_TIMEOUT: Final = "timeout"
 OUTCOME_DROPPED: Final = "dropped"  # metrics only: a dropped task has no span
 
 # Values of background_task.diagnosis.
+DIAGNOSIS_ADD_TASK_MISUSE: Final = "add_task_misuse"
 DIAGNOSIS_EVENT_LOOP_CONFLICT: Final = "event_loop_conflict"
 DIAGNOSIS_SESSION_OUTSIDE_REQUEST: Final = "session_outside_request"
 

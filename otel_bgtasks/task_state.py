@@ -25,7 +25,18 @@ STATE_ATTRIBUTE: Final = "_otel_bgtasks_state"
 class TaskState:
     """What a task carries from its creation to its run."""
 
-    __slots__ = ("context", "enqueued_ns", "index", "names", "on_drop", "pending_report", "ran", "settled", "site")
+    __slots__ = (
+        "context",
+        "enqueued_ns",
+        "index",
+        "names",
+        "on_drop",
+        "pending_report",
+        "problem",
+        "ran",
+        "settled",
+        "site",
+    )
 
     def __init__(self, context: Context, enqueued_ns: int | None, names: FunctionNames) -> None:
         self.context = context
@@ -35,6 +46,7 @@ class TaskState:
         self.settled = False  # its fate is told: it started, was shown as skipped, or could never run
         self.ran = False  # our __call__ wrapper started it (a subclass's own __call__ may bypass it)
         self.site: str | None = None
+        self.problem: str | None = None  # why it can never run (add_task(coroutine), a non-callable)
         self.on_drop: Callable[[TaskState], None] | None = None
         # A failed run whose report waits for its BackgroundTasks to say which tasks it left unrun.
         self.pending_report: TaskRun | None = None

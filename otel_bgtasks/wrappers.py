@@ -27,7 +27,7 @@ from otel_bgtasks import listeners, semconv
 from otel_bgtasks.arguments import ArgumentCapture
 from otel_bgtasks.blocking import BlockingTimer
 from otel_bgtasks.config import Options
-from otel_bgtasks.diagnosis import diagnose, handed_over_session, warn_handed_over_session
+from otel_bgtasks.diagnosis import diagnose, handed_over_session, misuse, warn_handed_over_session
 from otel_bgtasks.guard import capture_internal_exceptions, internal_error
 from otel_bgtasks.metrics import TaskMetrics
 from otel_bgtasks.mistakes import creation_site, discard, invalid_task_problem, report_dropped
@@ -110,6 +110,7 @@ class TaskWrappers:
         if problem is not None:
             discard(func)
             state.settled = True  # already reported, and it could never run
+            state.problem = problem
             if not self._options.strict:
                 _logger.error("%s (at %s)", problem, state.site)
             for listener in listeners.active:
@@ -232,8 +233,8 @@ class TaskWrappers:
                 run.token = None  # the context holds the run: let both go as soon as the task does
         with capture_internal_exceptions():
             run.outcome, run.error = self._classify(run, exc, duration)
-            if run.error is not None:
-                run.diagnosis = diagnose(run.error)  # causes 2 and 5: a known mistake behind the error
+            if run.error is not None:  # causes 1, 2 and 5: a known mistake behind the error
+                run.diagnosis = diagnose(run.error) if run.state.problem is None else misuse(run.state.problem)
             if run.span.is_recording():
                 self._annotate(run, end_ns)
         with capture_internal_exceptions():

@@ -922,3 +922,34 @@ def test_nothing_imports_sqlalchemy() -> None:
         "assert 'sqlalchemy' not in sys.modules, sorted(m for m in sys.modules if 'sqlalchemy' in m)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+async def test_a_task_added_as_a_coroutine_object_fails_with_the_misuse_diagnosis(
+    tracer_provider: TracerProvider, exporter: InMemorySpanExporter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Cause 1: Starlette still tries to run ``add_task(send(...))``; its failure says why, with the fix."""
+
+    async def send_report(address: str) -> None: ...
+
+    app = FastAPI()
+
+    @app.get("/")
+    async def route(background_tasks: BackgroundTasks) -> dict[str, bool]:
+        background_tasks.add_task(send_report("ann@example.com"))  # type: ignore[arg-type]  # the mistake
+        return {"ok": True}
+
+    otel_bgtasks.instrument(tracer_provider=tracer_provider, sentry=False)
+    with caplog.at_level(logging.ERROR, logger="otel_bgtasks"):
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://test"
+        ) as client:
+            await client.get("/")
+    (span,) = [s for s in exporter.get_finished_spans() if s.name.startswith("BackgroundTask ")]
+    assert span.name.endswith("send_report")
+    assert span.attributes is not None
+    assert span.attributes["background_task.diagnosis"] == "add_task_misuse"
+    assert span.attributes["error.type"] == "TypeError"
+    failures = [r.getMessage() for r in caplog.records if "failed (error)" in r.getMessage()]
+    assert len(failures) == 1
+    assert "Hint: add_task()/BackgroundTask() was given a coroutine object" in failures[0]
+    assert "add_task(" in failures[0] and "send_report, *args, **kwargs)" in failures[0]
