@@ -30,8 +30,8 @@ from otel_bgtasks.config import Options
 from otel_bgtasks.diagnosis import diagnose, handed_over_session, warn_handed_over_session
 from otel_bgtasks.guard import capture_internal_exceptions, internal_error
 from otel_bgtasks.metrics import TaskMetrics
-from otel_bgtasks.mistakes import creation_site, discard, invalid_task_problem, report_dropped
-from otel_bgtasks.naming import describe, error_type
+from otel_bgtasks.mistakes import BLOCKING, creation_site, discard, invalid_task_problem, report_dropped
+from otel_bgtasks.naming import describe, error_type, safe_str
 from otel_bgtasks.setup_checks import check_first_task
 from otel_bgtasks.task_state import STATE_ATTRIBUTE, TaskRun, TaskState, state_of
 from otel_bgtasks.version import __version__
@@ -117,11 +117,15 @@ class TaskWrappers:
                     listener.task_invalid(state, problem)
             if creator.is_recording():
                 creator.add_event(semconv.EVENT_INVALID, {semconv.PROBLEM: problem})
-        elif self._link_mode and creator.is_recording():
+            return problem
+        for listener in listeners.active:
+            with capture_internal_exceptions():
+                listener.task_created(state)
+        if self._link_mode and creator.is_recording():
             # The task's span will be in another trace: leave a trail in this one. (In child mode the
             # task span's parent and queue delay already say who queued it and when.)
             creator.add_event(semconv.EVENT_ENQUEUED, {semconv.CODE_FUNCTION_NAME: state.names.function_name})
-        return problem
+        return None
 
     def _dropped(self, state: TaskState) -> None:
         if self.retired:
@@ -223,7 +227,7 @@ class TaskWrappers:
 
     def _end(self, run: TaskRun, exc: BaseException | None) -> None:
         # Independent guards: a broken meter must not keep the span open, nor silence the failure.
-        end_ns = time_ns()
+        end_ns = run.end_ns = time_ns()
         duration = (end_ns - run.start_ns) / 1e9
         run.outcome, run.error = semconv.OUTCOME_ERROR, exc
         with capture_internal_exceptions():
@@ -305,7 +309,7 @@ class TaskWrappers:
         error = run.error
         if error is not None:
             span.set_attribute(semconv.ERROR_TYPE, error_type(error))
-            message = _safe_str(error)
+            message = safe_str(error)
             _record_exception(span, error, message, end_ns)
             span.set_status(Status(StatusCode.ERROR, message or type(error).__qualname__))
             if run.diagnosis is not None:
@@ -329,13 +333,7 @@ class TaskWrappers:
             return
         if len(self._warned_blocking) < 4096:
             self._warned_blocking.add(name)
-        _logger.warning(
-            "Background task %s blocked the event loop for %.3f s without awaiting, stalling every request "
-            "meanwhile. Make it a plain `def` (Starlette runs those in a thread pool) or use an async library "
-            "for the blocking call.",
-            name,
-            run.blocking.max,
-        )
+        _logger.warning(BLOCKING, name, run.blocking.max)
 
     def _attributes(self, run: TaskRun, outcome: str | None, error: BaseException | None) -> dict[str, AttributeValue]:
         """Metric attributes, built once per (function, execution, outcome, error type)."""
@@ -530,14 +528,6 @@ def _link_back(creator: Span, task_span: Span) -> None:
     """
     if creator.is_recording():
         creator.add_link(task_span.get_span_context())
-
-
-def _safe_str(error: BaseException) -> str:
-    """``str(error)``, or a placeholder when the exception's own ``__str__`` raises."""
-    try:
-        return str(error)
-    except Exception:
-        return f"<{type(error).__qualname__}: str() failed>"
 
 
 def _record_exception(span: Span, error: BaseException, message: str, timestamp: int) -> None:
