@@ -11,6 +11,7 @@ from typing import Any, Final
 
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 from opentelemetry.instrumentation.utils import unwrap
+from opentelemetry.trace import NoOpTracerProvider
 from wrapt import register_post_import_hook, wrap_function_wrapper
 
 from otel_bgtasks import request_metrics
@@ -139,7 +140,7 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
         options = resolve({k: v for k, v in kwargs.items() if k not in _BASE_INSTRUMENTOR_ARGUMENTS})
         self._options = options
         self._providers = (tracer_provider, meter_provider)
-        arm(tracer_provider_given=tracer_provider is not None)
+        arm(tracer_provider is not None, spans_wanted=not isinstance(tracer_provider, NoOpTracerProvider))
         arguments = (
             ArgumentCapture(options.capture_args_max_length, options.redact_keys) if options.capture_args else None
         )

@@ -57,7 +57,8 @@ class TaskWrappers:
     ) -> None:
         self._explicit_provider = tracer_provider is not None
         self._tracer = _tracer(tracer_provider)
-        self._spans_recorded = self._explicit_provider
+        # A no-op provider given: spans are asked to go nowhere (the pytest plugin's instrumentation).
+        self._spans_recorded = self._explicit_provider and not isinstance(tracer_provider, trace.NoOpTracerProvider)
         self._metrics = task_metrics
         self._options = options
         self._arguments = arguments  # None unless the user opted in with capture_args=True
@@ -78,7 +79,7 @@ class TaskWrappers:
 
     def spans_recorded(self) -> bool:
         """Whether task spans go anywhere: a provider was given or followed, or an SDK set the global one."""
-        if not self._spans_recorded:
+        if not self._spans_recorded and not self._explicit_provider:
             # Set once per process: when it is no longer the API's default, it stays so.
             provider = trace.get_tracer_provider()
             self._spans_recorded = not isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
@@ -486,14 +487,26 @@ class TaskWrappers:
         FastAPI's override differs from Starlette's only by a ``fastapi.background_task`` span around
         each task. Ours replaces it (same ``code.function.name`` and ``error.type``, and more), parented
         to the creating span rather than to the request, so each task gets exactly one span. Unless
-        ours would go nowhere (no SDK, no provider given) while FastAPI's has a provider of its own.
+        ours would go nowhere (no SDK, or a no-op provider) while FastAPI's may have a provider of its own:
+        then FastAPI's loop runs, and only the tasks a failure left unrun are ours to tell.
         """
         from starlette.background import BackgroundTasks
 
-        if not self.spans_recorded():
+        if self.spans_recorded():
+            return await BackgroundTasks.__call__(instance, *args, **kwargs)
+        tasks: list[Any] = instance.tasks
+        with capture_internal_exceptions():
+            for position, task in enumerate(tasks):  # as call_tasks numbers them: the failure waits for the skipped
+                if hasattr(task, "func"):
+                    state_of(task).index = position
+        try:
             return await wrapped(*args, **kwargs)
-
-        return await BackgroundTasks.__call__(instance, *args, **kwargs)
+        except BaseException as exc:
+            with capture_internal_exceptions():
+                # FastAPI's loop stops where Starlette's does: at the last task that started.
+                started = [i for i, task in enumerate(tasks) if hasattr(task, "func") and state_of(task).ran]
+                self._after_failure(tasks, started[-1] if started else 0, time_ns(), exc)
+            raise
 
 
 def _tracer(tracer_provider: trace.TracerProvider | None) -> trace.Tracer:
