@@ -92,6 +92,8 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
     _options: Options | None = None
     _providers: tuple[object, object] = (None, None)
     _sentry: SentryForwarder | None = None
+    # Set by instrument_stand_in() to its wrappers: the next instrument() call replaces them without a word.
+    _stand_in: TaskWrappers | None = None
 
     def instrumentation_dependencies(self) -> Collection[str]:
         """The Starlette range ``opentelemetry-instrument`` checks before loading us."""
@@ -106,9 +108,35 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
         watch_imports()  # before the lock: see there
         with instrumentor_lock:
             if self.is_instrumented_by_opentelemetry:
-                self._warn_ignored(kwargs)
-                return
+                if self._stand_in is None:
+                    self._warn_ignored(kwargs)
+                    return
+                super().uninstrument()  # the app's own options win
             super().instrument(**kwargs)
+
+    def instrument_stand_in(self, **kwargs: Any) -> object | None:
+        """Instrument, unless instrumented already, as a stand-in that any ``instrument()`` call replaces.
+
+        For the pytest plugin, which must see tasks without deciding how the app under test is
+        instrumented: an app that calls ``instrument()`` itself, at import or in a fixture, gets its own
+        options and providers, and no "instrumented already" warning.
+
+        Returns:
+            A token for :meth:`uninstrument_stand_in`, or ``None`` if otel_bgtasks was instrumented already.
+        """
+        watch_imports()
+        with instrumentor_lock:
+            if self.is_instrumented_by_opentelemetry:
+                return None
+            super().instrument(**kwargs)
+            self._stand_in = self._wrappers
+            return self._stand_in
+
+    def uninstrument_stand_in(self, token: object | None) -> None:
+        """Undo :meth:`instrument_stand_in`, unless its instrumentation was replaced or removed since."""
+        with instrumentor_lock:
+            if token is not None and token is self._stand_in:
+                super().uninstrument()
 
     def _warn_ignored(self, kwargs: dict[str, Any]) -> None:
         arguments = {name: value for name, value in kwargs.items() if name not in _BASE_INSTRUMENTOR_ARGUMENTS}
@@ -201,3 +229,4 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
             self._sentry = None
         self._options = None
         self._providers = (None, None)
+        self._stand_in = None
