@@ -21,7 +21,6 @@ from opentelemetry.trace import NoOpTracerProvider
 
 import otel_bgtasks
 import otel_bgtasks.testing  # imported here, so that pytester's runs do not import (and drop) their own copy
-from otel_bgtasks.naming import describe
 from otel_bgtasks.testing import TaskRecorder
 
 with warnings.catch_warnings():
@@ -669,18 +668,6 @@ def test_recorder_outside_pytest() -> None:
     assert not otel_bgtasks.BackgroundTasksInstrumentor().is_instrumented_by_opentelemetry
     assert [r.outcome for r in recorder.records] == ["dropped", "invalid"]
     assert all(r.name.endswith("send") for r in recorder.records)
-
-
-def test_coroutine_object_is_named_after_its_function() -> None:
-    async def send_email() -> None:
-        pass
-
-    coroutine = send_email()
-    names = describe(coroutine)
-    coroutine.close()
-    assert names.qualname == "test_coroutine_object_is_named_after_its_function.<locals>.send_email"
-    assert names.function_name == f"{__name__}.{names.qualname}"
-    assert describe(send_email).function_name == names.function_name
 
 
 async def test_fastapi_tasks_skipped_without_sdk_are_skipped_not_dropped() -> None:
