@@ -46,19 +46,34 @@ API
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, TypeVar
-
-from opentelemetry.metrics import MeterProvider
-from opentelemetry.trace import TracerProvider
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from otel_bgtasks.config import UNSET, Unset, explicit, task_options
-from otel_bgtasks.instrumentor import BackgroundTasksInstrumentor, instrumentor_lock
-from otel_bgtasks.request_spans import ensure_request_spans, native_tracer_provider
 from otel_bgtasks.version import __version__
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.trace import TracerProvider
+
+    from otel_bgtasks.instrumentor import BackgroundTasksInstrumentor
 
 __all__ = ["UNSET", "BackgroundTasksInstrumentor", "__version__", "instrument", "task_options", "uninstrument"]
 
 _App = TypeVar("_App")
+
+
+def __getattr__(name: str) -> Any:
+    """``BackgroundTasksInstrumentor`` on first use: importing the package stays cheap.
+
+    pytest imports the package at every start of every test run where otel_bgtasks is installed (its
+    ``pytest11`` plugin lives here); the instrumentor brings OpenTelemetry, wrapt and asyncio, about
+    0.2 s and 300 modules, which only a process that instruments should pay for.
+    """
+    if name == "BackgroundTasksInstrumentor":
+        from otel_bgtasks.instrumentor import BackgroundTasksInstrumentor
+
+        return BackgroundTasksInstrumentor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def instrument(
@@ -127,6 +142,9 @@ def instrument(
         queue_duration_metric=queue_duration_metric,
         request_metrics_end_at_response=request_metrics_end_at_response,
     )
+    from otel_bgtasks.instrumentor import BackgroundTasksInstrumentor, instrumentor_lock
+    from otel_bgtasks.request_spans import ensure_request_spans, native_tracer_provider
+
     instrumentor = BackgroundTasksInstrumentor()
     instrumentor.instrument(tracer_provider=tracer_provider, meter_provider=meter_provider, **options)
     if app is None:
@@ -138,6 +156,8 @@ def instrument(
 
 def uninstrument() -> None:
     """Remove every patch ``instrument()`` made; tasks created while instrumented still run normally."""
+    from otel_bgtasks.instrumentor import BackgroundTasksInstrumentor, instrumentor_lock
+
     instrumentor = BackgroundTasksInstrumentor()
     with instrumentor_lock:
         if instrumentor.is_instrumented_by_opentelemetry:

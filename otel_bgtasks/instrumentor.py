@@ -11,6 +11,7 @@ from typing import Any, Final
 
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 from opentelemetry.instrumentation.utils import unwrap
+from opentelemetry.trace import NoOpTracerProvider
 from wrapt import register_post_import_hook, wrap_function_wrapper
 
 from otel_bgtasks import request_metrics
@@ -91,6 +92,8 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
     _options: Options | None = None
     _providers: tuple[object, object] = (None, None)
     _sentry: SentryForwarder | None = None
+    # Set by instrument_stand_in() to its wrappers: the next instrument() call replaces them without a word.
+    _stand_in: TaskWrappers | None = None
 
     def instrumentation_dependencies(self) -> Collection[str]:
         """The Starlette range ``opentelemetry-instrument`` checks before loading us."""
@@ -105,9 +108,35 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
         watch_imports()  # before the lock: see there
         with instrumentor_lock:
             if self.is_instrumented_by_opentelemetry:
-                self._warn_ignored(kwargs)
-                return
+                if self._stand_in is None:
+                    self._warn_ignored(kwargs)
+                    return
+                super().uninstrument()  # the app's own options win
             super().instrument(**kwargs)
+
+    def instrument_stand_in(self, **kwargs: Any) -> object | None:
+        """Instrument, unless instrumented already, as a stand-in that any ``instrument()`` call replaces.
+
+        For the pytest plugin, which must see tasks without deciding how the app under test is
+        instrumented: an app that calls ``instrument()`` itself, at import or in a fixture, gets its own
+        options and providers, and no "instrumented already" warning.
+
+        Returns:
+            A token for :meth:`uninstrument_stand_in`, or ``None`` if otel_bgtasks was instrumented already.
+        """
+        watch_imports()
+        with instrumentor_lock:
+            if self.is_instrumented_by_opentelemetry:
+                return None
+            super().instrument(**kwargs)
+            self._stand_in = self._wrappers
+            return self._stand_in
+
+    def uninstrument_stand_in(self, token: object | None) -> None:
+        """Undo :meth:`instrument_stand_in`, unless its instrumentation was replaced or removed since."""
+        with instrumentor_lock:
+            if token is not None and token is self._stand_in:
+                super().uninstrument()
 
     def _warn_ignored(self, kwargs: dict[str, Any]) -> None:
         arguments = {name: value for name, value in kwargs.items() if name not in _BASE_INSTRUMENTOR_ARGUMENTS}
@@ -139,7 +168,7 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
         options = resolve({k: v for k, v in kwargs.items() if k not in _BASE_INSTRUMENTOR_ARGUMENTS})
         self._options = options
         self._providers = (tracer_provider, meter_provider)
-        arm(tracer_provider_given=tracer_provider is not None)
+        arm(tracer_provider is not None, spans_wanted=not isinstance(tracer_provider, NoOpTracerProvider))
         arguments = (
             ArgumentCapture(options.capture_args_max_length, options.redact_keys) if options.capture_args else None
         )
@@ -200,3 +229,4 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
             self._sentry = None
         self._options = None
         self._providers = (None, None)
+        self._stand_in = None

@@ -15,6 +15,9 @@ from otel_bgtasks.task_state import TaskRun, TaskState
 class TaskListener:
     """Override what you need; every method is called on the thread that ran or dropped the task."""
 
+    def task_created(self, state: TaskState) -> None:
+        """A task that can run was created (``add_task``, ``BackgroundTask(...)``); its fate is told later."""
+
     def task_ended(self, run: TaskRun) -> None:
         """A task ran: ``run.outcome`` says how it ended, ``run.error`` what to report (``None`` if nothing)."""
 

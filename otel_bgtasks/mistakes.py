@@ -57,12 +57,20 @@ def _is_framework(module: str) -> bool:
     return module.startswith(_FRAMEWORK_MODULES) and not module.startswith(_USER_MODULES)
 
 
+# The messages, %-formatted with the task's code.function.name and a place or a time: in the log, and in
+# the pytest plugin's failures (testing.py).
+DROPPED: Final = (
+    "Background task %s was never run: it was created at %s and garbage-collected before running. "
+    "Its BackgroundTasks/BackgroundTask was not attached to a response that completed "
+    "(return it as the response's background=, or use FastAPI's BackgroundTasks parameter)."
+)
+BLOCKING: Final = (
+    "Background task %s blocked the event loop for %.3f s without awaiting, stalling every request "
+    "meanwhile. Make it a plain `def` (Starlette runs those in a thread pool) or use an async library "
+    "for the blocking call."
+)
+
+
 def report_dropped(function_name: str, site: str | None) -> None:
     """Log a task that was garbage-collected without ever running."""
-    _logger.warning(
-        "Background task %s was never run: it was created at %s and garbage-collected before running. "
-        "Its BackgroundTasks/BackgroundTask was not attached to a response that completed "
-        "(return it as the response's background=, or use FastAPI's BackgroundTasks parameter).",
-        function_name,
-        site or "an unknown place",
-    )
+    _logger.warning(DROPPED, function_name, site or "an unknown place")

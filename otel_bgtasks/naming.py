@@ -150,3 +150,11 @@ def error_type(exc: BaseException) -> str:
     if cls.__module__ == "builtins":
         return cls.__qualname__
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def safe_str(error: BaseException) -> str:
+    """``str(error)``, or a placeholder when the exception's own ``__str__`` raises."""
+    try:
+        return str(error)
+    except Exception:
+        return f"<{type(error).__qualname__}: str() failed>"

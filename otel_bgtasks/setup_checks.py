@@ -37,16 +37,17 @@ _pending = False  # set by arm() at each instrument(), cleared by the first task
 _tracer_provider_given = False
 
 
-def arm(tracer_provider_given: bool) -> None:
+def arm(tracer_provider_given: bool, spans_wanted: bool = True) -> None:
     """Check the next task to start: called by each ``instrument()``.
 
     Args:
         tracer_provider_given: whether ``instrument()`` got a ``tracer_provider``; then the global one,
             default or not, is not ours to judge.
+        spans_wanted: ``False`` when the provider given is a no-op one: spans going nowhere is the point.
     """
     global _pending, _tracer_provider_given
     with _lock:
-        _pending = True
+        _pending = spans_wanted
         _tracer_provider_given = tracer_provider_given
 
 

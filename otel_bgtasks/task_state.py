@@ -73,6 +73,7 @@ class TaskRun:
     __slots__ = (
         "blocking",
         "diagnosis",
+        "end_ns",
         "error",
         "execution",
         "handed_off",
@@ -98,6 +99,7 @@ class TaskRun:
         self.execution = execution
         self.span = span
         self.start_ns = start_ns
+        self.end_ns = 0  # set when the run ends
         self.token: object = None
         self.timeout: float | None = None
         self.blocking: BlockingTimer | None = None

@@ -30,8 +30,8 @@ from otel_bgtasks.config import Options
 from otel_bgtasks.diagnosis import diagnose, handed_over_session, misuse, warn_handed_over_session
 from otel_bgtasks.guard import capture_internal_exceptions, internal_error
 from otel_bgtasks.metrics import TaskMetrics
-from otel_bgtasks.mistakes import creation_site, discard, invalid_task_problem, report_dropped
-from otel_bgtasks.naming import describe, error_type
+from otel_bgtasks.mistakes import BLOCKING, creation_site, discard, invalid_task_problem, report_dropped
+from otel_bgtasks.naming import describe, error_type, safe_str
 from otel_bgtasks.setup_checks import check_first_task
 from otel_bgtasks.task_state import STATE_ATTRIBUTE, TaskRun, TaskState, state_of
 from otel_bgtasks.version import __version__
@@ -57,7 +57,8 @@ class TaskWrappers:
     ) -> None:
         self._explicit_provider = tracer_provider is not None
         self._tracer = _tracer(tracer_provider)
-        self._spans_recorded = self._explicit_provider
+        # A no-op provider given: spans are asked to go nowhere (the pytest plugin's instrumentation).
+        self._spans_recorded = self._explicit_provider and not isinstance(tracer_provider, trace.NoOpTracerProvider)
         self._metrics = task_metrics
         self._options = options
         self._arguments = arguments  # None unless the user opted in with capture_args=True
@@ -78,7 +79,7 @@ class TaskWrappers:
 
     def spans_recorded(self) -> bool:
         """Whether task spans go anywhere: a provider was given or followed, or an SDK set the global one."""
-        if not self._spans_recorded:
+        if not self._spans_recorded and not self._explicit_provider:
             # Set once per process: when it is no longer the API's default, it stays so.
             provider = trace.get_tracer_provider()
             self._spans_recorded = not isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
@@ -118,11 +119,15 @@ class TaskWrappers:
                     listener.task_invalid(state, problem)
             if creator.is_recording():
                 creator.add_event(semconv.EVENT_INVALID, {semconv.PROBLEM: problem})
-        elif self._link_mode and creator.is_recording():
+            return problem
+        for listener in listeners.active:
+            with capture_internal_exceptions():
+                listener.task_created(state)
+        if self._link_mode and creator.is_recording():
             # The task's span will be in another trace: leave a trail in this one. (In child mode the
             # task span's parent and queue delay already say who queued it and when.)
             creator.add_event(semconv.EVENT_ENQUEUED, {semconv.CODE_FUNCTION_NAME: state.names.function_name})
-        return problem
+        return None
 
     def _dropped(self, state: TaskState) -> None:
         if self.retired:
@@ -224,7 +229,7 @@ class TaskWrappers:
 
     def _end(self, run: TaskRun, exc: BaseException | None) -> None:
         # Independent guards: a broken meter must not keep the span open, nor silence the failure.
-        end_ns = time_ns()
+        end_ns = run.end_ns = time_ns()
         duration = (end_ns - run.start_ns) / 1e9
         run.outcome, run.error = semconv.OUTCOME_ERROR, exc
         with capture_internal_exceptions():
@@ -306,7 +311,7 @@ class TaskWrappers:
         error = run.error
         if error is not None:
             span.set_attribute(semconv.ERROR_TYPE, error_type(error))
-            message = _safe_str(error)
+            message = safe_str(error)
             _record_exception(span, error, message, end_ns)
             span.set_status(Status(StatusCode.ERROR, message or type(error).__qualname__))
             if run.diagnosis is not None:
@@ -330,13 +335,7 @@ class TaskWrappers:
             return
         if len(self._warned_blocking) < 4096:
             self._warned_blocking.add(name)
-        _logger.warning(
-            "Background task %s blocked the event loop for %.3f s without awaiting, stalling every request "
-            "meanwhile. Make it a plain `def` (Starlette runs those in a thread pool) or use an async library "
-            "for the blocking call.",
-            name,
-            run.blocking.max,
-        )
+        _logger.warning(BLOCKING, name, run.blocking.max)
 
     def _attributes(self, run: TaskRun, outcome: str | None, error: BaseException | None) -> dict[str, AttributeValue]:
         """Metric attributes, built once per (function, execution, outcome, error type)."""
@@ -489,14 +488,26 @@ class TaskWrappers:
         FastAPI's override differs from Starlette's only by a ``fastapi.background_task`` span around
         each task. Ours replaces it (same ``code.function.name`` and ``error.type``, and more), parented
         to the creating span rather than to the request, so each task gets exactly one span. Unless
-        ours would go nowhere (no SDK, no provider given) while FastAPI's has a provider of its own.
+        ours would go nowhere (no SDK, or a no-op provider) while FastAPI's may have a provider of its own:
+        then FastAPI's loop runs, and only the tasks a failure left unrun are ours to tell.
         """
         from starlette.background import BackgroundTasks
 
-        if not self.spans_recorded():
+        if self.spans_recorded():
+            return await BackgroundTasks.__call__(instance, *args, **kwargs)
+        tasks: list[Any] = instance.tasks
+        with capture_internal_exceptions():
+            for position, task in enumerate(tasks):  # as call_tasks numbers them: the failure waits for the skipped
+                if hasattr(task, "func"):
+                    state_of(task).index = position
+        try:
             return await wrapped(*args, **kwargs)
-
-        return await BackgroundTasks.__call__(instance, *args, **kwargs)
+        except BaseException as exc:
+            with capture_internal_exceptions():
+                # FastAPI's loop stops where Starlette's does: at the last task that started.
+                started = [i for i, task in enumerate(tasks) if hasattr(task, "func") and state_of(task).ran]
+                self._after_failure(tasks, started[-1] if started else 0, time_ns(), exc)
+            raise
 
 
 def _tracer(tracer_provider: trace.TracerProvider | None) -> trace.Tracer:
@@ -531,14 +542,6 @@ def _link_back(creator: Span, task_span: Span) -> None:
     """
     if creator.is_recording():
         creator.add_link(task_span.get_span_context())
-
-
-def _safe_str(error: BaseException) -> str:
-    """``str(error)``, or a placeholder when the exception's own ``__str__`` raises."""
-    try:
-        return str(error)
-    except Exception:
-        return f"<{type(error).__qualname__}: str() failed>"
 
 
 def _record_exception(span: Span, error: BaseException, message: str, timestamp: int) -> None:

@@ -6,11 +6,12 @@ docstrings of examples/*.py, one command a line (a line ending in a backslash go
 nor in ``NOT_RUN`` fails ``test_every_command_is_run_or_listed``: the docs cannot gain an untried command.
 
 How they run: ``bash -c COMMAND``, the text as shown, from the repository root (``myapp:app``, the README's
-placeholder for the reader's app, from a temporary folder holding a small FastAPI app of that name), in
-this process's environment minus every ``OTEL_*``, ``FASTAPI_OTEL_*`` and ``SENTRY_*`` variable, with
-this virtual environment's scripts first on PATH and PYTHONPATH set to the repository, so that its code
-is what runs. Set-up steps (``python3 -m venv``, activating it, ``pip install`` of the project) are what
-made this environment: they are not run, but each extra they name must exist and be installed here.
+placeholder for the reader's app, from a temporary folder holding a small FastAPI app of that name and
+the README's test_myapp.py), in this process's environment minus every ``OTEL_*``, ``FASTAPI_OTEL_*`` and
+``SENTRY_*`` variable, with this virtual environment's scripts first on PATH and PYTHONPATH set to the
+repository, so that its code is what runs. Set-up steps (``python3 -m venv``, activating it, ``pip install``
+of the project) are what made this environment: they are not run, but each extra they name must exist and
+be installed here.
 
 Servers: the only addition is UVICORN_PORT, a free port, which uvicorn takes as its ``--port`` (the
 default, 8000, may be taken on a shared machine, and the servers run side by side). Each server gets the
@@ -76,6 +77,16 @@ MYAPP = textwrap.dedent(
         return {"status": "ok"}
     """
 )
+
+
+def readme_test_file() -> str:
+    """The README's example test of the placeholder app (its pytest section), to run next to ``myapp.py``."""
+    found = re.search(
+        r"^```python\n# test_myapp.py\n(.*?)^```", (REPO / "README.md").read_text(), re.DOTALL | re.MULTILINE
+    )
+    assert found is not None, "README.md no longer shows test_myapp.py"
+    return found.group(1)
+
 
 # Lines no server's output may hold: the SDK failed to start, an instrumentation was skipped, or one of
 # otel_bgtasks's set-up warnings (setup_checks.py) fired.
@@ -547,6 +558,12 @@ def check_watch(ran: Ran, received: Received) -> None:
     assert "Stopping reloader process" in ran.stderr, ran.output  # stopped by the one SIGINT, as by Ctrl+C
 
 
+def check_pytest_plugin(ran: Ran, received: Received) -> None:
+    assert ran.returncode == 0, ran.output
+    assert "otel_bgtasks: strict background tasks" in ran.stdout, ran.output  # the header: strict mode is on
+    assert re.search(r"^=+ 1 passed", ran.stdout, re.MULTILINE), ran.output
+
+
 def check_promtool(ran: Ran, received: Received) -> None:
     if shutil.which("promtool") is None:
         pytest.skip("promtool is not installed (.ci/run installs Debian's prometheus package)")
@@ -578,6 +595,7 @@ SERVERS: dict[str, tuple[str | None, Check]] = {
 # Commands that run and end (the part after a set-up command's installs).
 ONE_SHOTS: dict[str, Check] = {
     "otel-bgtasks demo": check_demo,
+    "python -m pytest --bgtasks-strict": check_pytest_plugin,  # the README's test_myapp.py, next to myapp.py
     "promtool check rules collector-config/background-tasks.rules.yml": check_promtool,
     "promtool test rules collector-config/background-tasks.rules.test.yml": check_promtool,
 }
@@ -625,6 +643,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Results:
     """Every runnable command, run side by side; each test then checks one."""
     myapp_dir = tmp_path_factory.mktemp("myapp")
     (myapp_dir / "myapp.py").write_text(MYAPP)
+    (myapp_dir / "test_myapp.py").write_text(readme_test_file())
     logs = tmp_path_factory.mktemp("logs")
     jobs: dict[str, Callable[[], Ran]] = {}
     for shown in shown_commands().values():
