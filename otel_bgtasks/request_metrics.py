@@ -70,6 +70,15 @@ class _Awaiting:
         return self._steps
 
 
+class _Stop:
+    """Yielded by a split's watchers at the response's end: its ``_run`` takes it, the event loop never sees it."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        yield self
+
+
 class _Split:
     """One HTTP request through contrib's middleware: its app run up to the response's end, then the rest."""
 
@@ -84,6 +93,8 @@ class _Split:
         self._complete = False
         self._response_started = False
         self._expecting_trailers = False
+        self._stop = _Stop()  # this split's own: a nested split's passes through it to the outer one
+        self._stepping = False  # _run is inside one step of the app up to the response's end, in this task
         self._steps: Any = None  # the app's coroutine, stepped by _run
         # Where the app stands when paused: a value it yielded, not yet passed on to the event loop, or
         # what the event loop sent (or threw, the flag) to it, not yet delivered.
@@ -110,18 +121,30 @@ class _Split:
             otel_context.detach(token)
 
     def _run(self, until_complete: bool) -> Generator[Any, Any, None]:
-        """Step the app as ``await`` would (PEP 380), stopping at the first step after the response is complete.
+        """Step the app as ``await`` would (PEP 380), stopping as soon as the response is complete.
 
-        Stopping between two steps, the app is not interrupted: contrib's ``finally`` runs (synchronous
-        code), then :meth:`finish` takes the app on from exactly there, in the same task.
+        The watchers yield :class:`_Stop` from the very step that completed the response, so the app goes
+        no further (no background task has begun, even one whose first await does not suspend). Where they
+        could not (the response completed in another task), it stops after the step that did. Stopping
+        between two steps, the app is not interrupted: contrib's ``finally`` runs (synchronous code), then
+        :meth:`finish` takes the app on from exactly there, in the same task.
         """
         pending, throw, value = self._resume
         while True:
             if pending is _NOTHING:
+                self._stepping = until_complete
                 try:
                     pending = self._steps.throw(value) if throw else self._steps.send(value)
                 except StopIteration:
                     return
+                finally:
+                    self._stepping = False
+                if pending is self._stop:  # ours, from the step that completed the response
+                    if until_complete:
+                        self._pause(_NOTHING, False, None)
+                        return
+                    pending, throw, value = _NOTHING, False, None  # never the event loop's: resume the app
+                    continue
                 if until_complete and self._complete:
                     self._pause(pending, False, None)
                     return
@@ -138,6 +161,7 @@ class _Split:
                 return
 
     def _pause(self, pending: Any, throw: bool, value: Any) -> None:
+        self._stepping = False  # a watcher of this split that runs later, from finish(), must not stop again
         self._resume = (pending, throw, value)
         self._context = otel_context.get_current()
         self.paused = True
@@ -147,6 +171,7 @@ class _Split:
             await send(message)
             with capture_internal_exceptions():
                 self._sent(message)
+            await self._stop_if_complete()
 
         return send_and_watch
 
@@ -157,9 +182,20 @@ class _Split:
                 # The client left during the response (Starlette then stops streaming and runs the tasks).
                 if message.get("type") == "http.disconnect" and self._response_started:
                     self._complete = True
+            await self._stop_if_complete()
             return message
 
         return receive_and_watch
+
+    async def _stop_if_complete(self) -> None:
+        """Stop the app here, once, if this completed the response inside the step :meth:`_run` is taking.
+
+        Only then does the yield reach our ``_run`` (through any nested split's, which passes on what is
+        not its own); in another task (a streaming task group's, even one an eager task factory runs inside
+        our step) it would reach that task's event loop.
+        """
+        if self._complete and self._stepping and not self.paused and self.task is _current_task():
+            await self._stop
 
     def _sent(self, message: Message) -> None:
         """The response is complete when contrib ends its span, or with a ``pathsend`` (the whole body at once)."""

@@ -495,6 +495,31 @@ async def test_two_middlewares_each_end_with_the_response(tracer_provider: Trace
         assert_ends_with_response(served)
 
 
+class NotingHeld(Held):
+    """A held task that first, before any await, notes what the reader has: its synchronous start."""
+
+    def __init__(self, reader: InMemoryMetricReader) -> None:
+        super().__init__()
+        self.reader = reader
+        self.at_start: list[Snapshot] = []
+
+    async def run(self) -> None:
+        self.at_start.append(snapshot(self.reader))
+        await super().run()
+
+
+@pytest.mark.parametrize("name", SETUPS)
+async def test_recorded_before_the_task_begins(setups: Callable[[str, bool], Setup], name: str) -> None:
+    """The split stops the app at the step that completed the response, not at its next suspension: a server
+    whose last ``send`` does not suspend (uvicorn's) would otherwise run the task's start before contrib records."""
+    setup = setups(name, True)
+    held = NotingHeld(setup.reader)
+    served = await serve_held(setup.app(held), held, setup.reader)
+    (at_start,) = held.at_start
+    assert at_start == served.during
+    assert_ends_with_response(served)
+
+
 @pytest.mark.parametrize("fixed", [True, False], ids=["otel_bgtasks", "without"])
 async def test_real_uvicorn_server(setups: Callable[[str, bool], Setup], fixed: bool) -> None:
     setup = setups("FastAPIInstrumentor", fixed)
