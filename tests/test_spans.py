@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
 from typing import Any
 
 import httpx
 import pytest
-from conftest import spans_named, task_spans
+from conftest import WITHOUT_NATIVE_TELEMETRY, spans_named, task_spans
 from fastapi import BackgroundTasks, FastAPI
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -25,9 +24,6 @@ from starlette.routing import Route
 import otel_bgtasks
 
 tracer = trace.get_tracer("tests")
-WITHOUT_NATIVE_TELEMETRY: dict[str, Any] = (
-    {"telemetry": {"tracing": False}} if "telemetry" in inspect.signature(FastAPI).parameters else {}
-)
 
 
 class PaymentDeclined(Exception):

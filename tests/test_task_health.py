@@ -17,13 +17,14 @@ import anyio
 import anyio.to_thread
 import httpx
 import pytest
+from _metrics import metrics_by_name, points
 from _servers import WAIT_SECONDS
-from conftest import HAS_NATIVE_TELEMETRY, task_spans
+from conftest import WITHOUT_NATIVE_TELEMETRY, task_spans
 from fastapi import BackgroundTasks as FastAPIBackgroundTasks
 from fastapi import FastAPI
 from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader, Metric
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
@@ -36,7 +37,6 @@ from starlette.routing import Route
 import otel_bgtasks
 
 FUNC = "code.function.name"
-WITHOUT_NATIVE_TELEMETRY: dict[str, Any] = {"telemetry": {"tracing": False}} if HAS_NATIVE_TELEMETRY else {}
 
 
 @pytest.fixture
@@ -50,22 +50,6 @@ def instrument(tracer_provider: TracerProvider, reader: InMemoryMetricReader) ->
         otel_bgtasks.instrument(tracer_provider=tracer_provider, meter_provider=MeterProvider([reader]), **options)
 
     yield instrument
-
-
-def metrics_by_name(reader: InMemoryMetricReader) -> dict[str, Metric]:
-    data = reader.get_metrics_data()
-    assert data is not None
-    return {
-        metric.name: metric
-        for resource in data.resource_metrics
-        for scope in resource.scope_metrics
-        if scope.scope.name == "otel_bgtasks"
-        for metric in scope.metrics
-    }
-
-
-def points(metric: Metric) -> dict[frozenset[tuple[str, Any]], Any]:
-    return {frozenset((point.attributes or {}).items()): point for point in metric.data.data_points}
 
 
 def ok() -> None:
