@@ -25,7 +25,16 @@ import pytest
 import sentry_sdk
 from _faults import MeterDownForOtelBgtasks, TracerDownForOtelBgtasks
 from _metrics import metrics_by_name, points
-from _servers import WAIT_SECONDS, Countdown, closed_port, get_many, recording, records_not_retained, serving
+from _servers import (
+    WAIT_SECONDS,
+    Countdown,
+    SilentEndpoint,
+    closed_port,
+    get_many,
+    recording,
+    records_not_retained,
+    serving,
+)
 from _spans import add_work_route, assert_each_request_keeps_its_tasks, tag_task_span
 from conftest import NATIVE_TELEMETRY_OFF, assert_originals_restored, task_spans
 from fastapi import BackgroundTasks, FastAPI
@@ -118,22 +127,25 @@ def earlier_objects_frozen() -> Iterator[None]:
 ENDPOINT_DOWN_REQUESTS = 2000
 ENDPOINT_DOWN_WARMUP = 400  # enough to fill the BatchSpanProcessor queue (about 5 spans per request)
 ENDPOINT_DOWN_CONCURRENCY = 20
-# A loop that waited for one failed export would stall ~0.9-1 s (timeout=1: refused, a ~0.9 s retry backoff,
-# then the deadline). Scheduling noise alone (GC, GIL, other work on 2 shared cores) measured up to 0.25 s, and
-# 0.67 s with three extra CPU hogs running.
-MAX_LOOP_LAG = 0.8
+# The collector accepts and never answers, so each export waits its whole timeout: a loop that waited for an
+# export would stall EXPORT_TIMEOUT seconds or more. Scheduling noise alone (GC, GIL, other work on 2 shared
+# cores) measured up to 0.25 s idle, 0.67 s with three CPU hogs, 2.7 s once under a loaded suite run.
+EXPORT_TIMEOUT = 10
+MAX_LOOP_LAG = EXPORT_TIMEOUT / 2
 MAX_RSS_GROWTH = 64 * 1024 * 1024
 BSP_QUEUE, BSP_BATCH = 2048, 512  # BatchSpanProcessor defaults
 
 
 class RecordingOTLPSpanExporter(OTLPSpanExporter):
-    """The real OTLP/HTTP exporter, keeping the result of each export."""
+    """The real OTLP/HTTP exporter, counting the exports it began and keeping the result of each it ended."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.begun = 0
         self.results: list[SpanExportResult] = []
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.begun += 1
         try:
             result = super().export(spans)
         except Exception:
@@ -161,15 +173,15 @@ class LoopLag:
 
 
 async def test_exporter_endpoint_down_tasks_run_memory_bounded_loop_unblocked() -> None:
-    port = closed_port()
+    collector = SilentEndpoint()
+    url = f"http://127.0.0.1:{collector.port}"
     resource = Resource.create({"service.name": "otel-bgtasks-endpoint-down"})
-    span_exporter = RecordingOTLPSpanExporter(endpoint=f"http://127.0.0.1:{port}/v1/traces", timeout=1)
+    span_exporter = RecordingOTLPSpanExporter(endpoint=f"{url}/v1/traces", timeout=EXPORT_TIMEOUT)
     provider = TracerProvider(resource=resource)
     provider.add_span_processor(BatchSpanProcessor(span_exporter))
+    metric_exporter = OTLPMetricExporter(endpoint=f"{url}/v1/metrics", timeout=EXPORT_TIMEOUT)
     metric_reader = PeriodicExportingMetricReader(
-        OTLPMetricExporter(endpoint=f"http://127.0.0.1:{port}/v1/metrics", timeout=1),
-        export_interval_millis=500,
-        export_timeout_millis=1000,
+        metric_exporter, export_interval_millis=500, export_timeout_millis=EXPORT_TIMEOUT * 1000
     )
     meter_provider = MeterProvider(metric_readers=[metric_reader], resource=resource)
     countdown = Countdown(ENDPOINT_DOWN_REQUESTS * 2)
@@ -214,7 +226,8 @@ async def test_exporter_endpoint_down_tasks_run_memory_bounded_loop_unblocked() 
             rss_growth = rss_bytes() - rss_after_warmup
             live_spans = live(ReadableSpan, ours)  # processors get (and queue) ReadableSpan copies
             server.stop()  # graceful: waits for every task
-        exports_while_serving = list(span_exporter.results)
+        exports_begun_while_serving = span_exporter.begun
+        connections_while_serving = collector.accepted
 
         responses = warmup + rest
         wrong = [
@@ -224,9 +237,9 @@ async def test_exporter_endpoint_down_tasks_run_memory_bounded_loop_unblocked() 
         ]
         assert wrong == []
         assert countdown.done.is_set(), "some background tasks did not run"
-        # The endpoint really was down: spans were sent during the run and every export failed.
-        assert exports_while_serving, "no export was attempted while serving"
-        assert set(exports_while_serving) == {SpanExportResult.FAILURE}
+        # The collector really was hung: spans were sent to it during the run, and it never answered.
+        assert exports_begun_while_serving > 0, "no export was attempted while serving"
+        assert connections_while_serving > 0, "no exporter reached the collector"
         # Nothing blocked the server's loop waiting for the exporter.
         assert lag.samples > 10
         assert max_lag < MAX_LOOP_LAG, f"the event loop stalled for {max_lag:.3f} s"
@@ -239,13 +252,17 @@ async def test_exporter_endpoint_down_tasks_run_memory_bounded_loop_unblocked() 
         assert live(TaskState, lambda state: state.names.function_name in task_names) == 0
         assert live(TaskRun, lambda run: run.names.function_name in task_names) == 0
     finally:
-        # Stop the exporter first so the flush at shutdown does not retry against the closed port.
+        # Stop the exporters first, so that neither retries nor flushes at shutdown; then hang up, which
+        # fails the exports still waiting on the collector at once.
         span_exporter.shutdown()
+        metric_exporter.shutdown()
+        collector.hang_up()
         began = time.perf_counter()
         provider.shutdown()
         meter_provider.shutdown(timeout_millis=1000)
         shutdown_seconds = time.perf_counter() - began
     assert shutdown_seconds < 5, "shutting the providers down took too long"
+    assert set(span_exporter.results) == {SpanExportResult.FAILURE}, "an export to the hung collector succeeded"
 
 
 # -- 2. Many concurrent requests: each task keeps its own request ------------------------------------
