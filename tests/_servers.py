@@ -12,7 +12,7 @@ import re
 import socket
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -84,6 +84,53 @@ def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+class SilentEndpoint:
+    """A hung collector on 127.0.0.1: it accepts every connection and never answers.
+
+    A client waits on it for its whole timeout, where a closed port would refuse it at once. ``hang_up()``
+    closes every connection and the listening socket, so a client still waiting fails at once.
+    """
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.05)  # how often the accepting thread looks whether to stop
+        self.port: int = self._listener.getsockname()[1]
+        self.accepted = 0
+        self._connections: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name="silent-endpoint", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                connection, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            self._connections.append(connection)
+            self.accepted += 1
+
+    def hang_up(self) -> None:
+        self._stop.set()
+        self._thread.join(WAIT_SECONDS)
+        self._listener.close()
+        for connection in self._connections:
+            with suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+            connection.close()
+        self._connections.clear()
+
+
+@contextmanager
+def silent_endpoint() -> Iterator[SilentEndpoint]:
+    """A :class:`SilentEndpoint` until the context exits, when it hangs up."""
+    endpoint = SilentEndpoint()
+    try:
+        yield endpoint
+    finally:
+        endpoint.hang_up()
 
 
 class Records(logging.Handler):

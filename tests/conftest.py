@@ -1,18 +1,29 @@
-"""Shared fixtures: one real SDK tracer provider for the session, a clean exporter and patch state per test."""
+"""Shared fixtures: one real SDK tracer provider for the session, a clean exporter and patch state per test.
+
+Also what many test files need alike: FastAPI's native telemetry switched off, the patch-state snapshot
+taken before any test instrumented anything, and a clean slate for the once-per-place internal-error log.
+"""
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+import wrapt
 from fastapi import FastAPI
+from fastapi import background as fastapi_background
 from opentelemetry import trace
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from starlette import background as starlette_background
+from starlette import concurrency as starlette_concurrency
 
 import otel_bgtasks
+from otel_bgtasks import guard
 
 _exporter = InMemorySpanExporter()
 _provider = TracerProvider()
@@ -27,6 +38,12 @@ HAS_NATIVE_TELEMETRY = "telemetry" in inspect.signature(FastAPI).parameters
 needs_native_telemetry = pytest.mark.skipif(
     not HAS_NATIVE_TELEMETRY, reason="this FastAPI has no native telemetry (added in 0.163)"
 )
+
+
+# FastAPI's ``telemetry=`` with everything off: ``instrument(app)`` then adds its ASGI middleware, and the
+# request span is that middleware's. ``WITHOUT_NATIVE_TELEMETRY`` is the same as ``FastAPI(**...)`` arguments.
+NATIVE_TELEMETRY_OFF: dict[str, Any] = {"tracing": False, "metrics": False, "logs": False}
+WITHOUT_NATIVE_TELEMETRY: dict[str, Any] = {"telemetry": NATIVE_TELEMETRY_OFF}
 
 
 def with_native(values: list[str]) -> list[object]:
@@ -60,3 +77,39 @@ def task_spans(exporter: InMemorySpanExporter) -> list[ReadableSpan]:
 
 def spans_named(exporter: InMemorySpanExporter, name: str) -> list[ReadableSpan]:
     return [s for s in exporter.get_finished_spans() if s.name == name]
+
+
+@pytest.fixture
+def fresh_guard(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The internal-error guard logs once per place per process: give this test a clean slate."""
+    monkeypatch.setattr(guard, "_seen", set())
+
+
+PEER_MARKER = "_otel_original_call"  # where opentelemetry-instrumentation-fastapi keeps the original __call__
+
+
+def patch_state() -> dict[str, Any]:
+    """Every attribute otel_bgtasks patches, as it is now (``None``: FastAPI does not override ``__call__``)."""
+    return {
+        "starlette BackgroundTask.__init__": vars(starlette_background.BackgroundTask)["__init__"],
+        "starlette BackgroundTask.__call__": vars(starlette_background.BackgroundTask)["__call__"],
+        "starlette BackgroundTasks.__call__": vars(starlette_background.BackgroundTasks)["__call__"],
+        "starlette.background.run_in_threadpool": starlette_background.run_in_threadpool,
+        "fastapi BackgroundTasks.__call__": vars(fastapi_background.BackgroundTasks).get("__call__"),
+        # otel_bgtasks watches contrib's uninstrument_app() to put its own wrapper back after it, and its
+        # instrument_app() to withdraw the request spans instrument(app) added before it.
+        "FastAPIInstrumentor.instrument_app": vars(FastAPIInstrumentor)["instrument_app"],
+        "FastAPIInstrumentor.uninstrument_app": vars(FastAPIInstrumentor)["uninstrument_app"],
+    }
+
+
+ORIGINALS = patch_state()  # at import, before any test instruments anything
+
+
+def assert_originals_restored() -> None:
+    """Starlette, FastAPI and contrib's instrumentor are exactly as they were: the same objects, no marker left."""
+    state = patch_state()
+    assert {name: value for name, value in state.items() if value is not ORIGINALS[name]} == {}
+    assert not any(isinstance(value, wrapt.ObjectProxy) for value in state.values())
+    assert starlette_background.run_in_threadpool is starlette_concurrency.run_in_threadpool
+    assert not hasattr(starlette_background.BackgroundTask, PEER_MARKER)

@@ -16,9 +16,17 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import spans_named, task_spans, with_native
+from conftest import (
+    NATIVE_TELEMETRY_OFF,
+    ORIGINALS,
+    PEER_MARKER,
+    assert_originals_restored,
+    patch_state,
+    spans_named,
+    task_spans,
+    with_native,
+)
 from fastapi import BackgroundTasks, FastAPI
-from fastapi import background as fastapi_background
 from opentelemetry import trace
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -27,22 +35,6 @@ from opentelemetry.trace import SpanKind, StatusCode
 from starlette import background as starlette_background
 
 import otel_bgtasks
-
-PEER_MARKER = "_otel_original_call"  # where opentelemetry-instrumentation-fastapi keeps the original __call__
-
-# Captured at import, before any test instruments anything.
-ORIGINALS: dict[tuple[type, str], Any] = {
-    (starlette_background.BackgroundTask, "__init__"): vars(starlette_background.BackgroundTask)["__init__"],
-    (starlette_background.BackgroundTask, "__call__"): vars(starlette_background.BackgroundTask)["__call__"],
-    (starlette_background.BackgroundTasks, "__call__"): vars(starlette_background.BackgroundTasks)["__call__"],
-}
-# otel_bgtasks watches contrib's uninstrument_app() to put its own wrapper back after it.
-ORIGINALS[(FastAPIInstrumentor, "uninstrument_app")] = vars(FastAPIInstrumentor)["uninstrument_app"]
-# ... and its instrument_app(), to withdraw the request spans instrument(app) added before it.
-ORIGINALS[(FastAPIInstrumentor, "instrument_app")] = vars(FastAPIInstrumentor)["instrument_app"]
-if "__call__" in vars(fastapi_background.BackgroundTasks):
-    ORIGINALS[(fastapi_background.BackgroundTasks, "__call__")] = vars(fastapi_background.BackgroundTasks)["__call__"]
-NATIVE_TELEMETRY_OFF: dict[str, Any] = {"tracing": False, "metrics": False, "logs": False}
 
 
 class TaskFailed(Exception):
@@ -137,14 +129,6 @@ def uninstrument(app: FastAPI, contrib_first: bool = True) -> None:
         FastAPIInstrumentor.uninstrument_app(app)
 
 
-def assert_originals_restored() -> None:
-    for (owner, name), original in ORIGINALS.items():
-        current = vars(owner)[name]
-        assert current is original, f"{owner.__module__}.{owner.__qualname__}.{name} is still {current!r}"
-    assert PEER_MARKER not in vars(starlette_background.BackgroundTask)
-    assert not hasattr(starlette_background.BackgroundTask, PEER_MARKER)
-
-
 async def get(app: FastAPI) -> httpx.Response:
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
@@ -237,10 +221,7 @@ async def test_both_uninstrumented_restore_starlette_exactly(
     setup = Setup(native=False, contrib=contrib)
     app = make_app(setup, tracer_provider, (succeed,), sync=False)
     instrument(app, setup, tracer_provider)
-    assert (
-        vars(starlette_background.BackgroundTask)["__call__"]
-        is not ORIGINALS[(starlette_background.BackgroundTask, "__call__")]
-    )
+    assert patch_state()["starlette BackgroundTask.__call__"] is not ORIGINALS["starlette BackgroundTask.__call__"]
     uninstrument(app, contrib_first=contrib_first)
     assert_originals_restored()
 

@@ -13,7 +13,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import task_spans
+from _faults import TracerDownForOtelBgtasks
+from conftest import ORIGINALS, assert_originals_restored, patch_state, task_spans
 from opentelemetry import trace
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.sdk.trace import TracerProvider
@@ -30,19 +31,6 @@ import otel_bgtasks
 from otel_bgtasks.config import Options, resolve
 
 
-def current_attributes() -> dict[str, Any]:
-    """Every attribute of starlette.background that otel_bgtasks patches, as it is now."""
-    return {
-        "BackgroundTask.__init__": vars(background.BackgroundTask)["__init__"],
-        "BackgroundTask.__call__": vars(background.BackgroundTask)["__call__"],
-        "BackgroundTasks.__call__": vars(background.BackgroundTasks)["__call__"],
-        "run_in_threadpool": background.run_in_threadpool,
-    }
-
-
-ORIGINALS = current_attributes()  # at import, before any test instruments anything
-
-
 def starlette_app(**kwargs: Any) -> Starlette:
     def work() -> None:
         pass
@@ -55,23 +43,13 @@ def starlette_app(**kwargs: Any) -> Starlette:
 
 async def test_uninstrument_restores_every_patched_attribute_exactly(tracer_provider: TracerProvider) -> None:
     otel_bgtasks.instrument(tracer_provider=tracer_provider)
-    assert all(current_attributes()[name] is not original for name, original in ORIGINALS.items())
+    patched = patch_state()
+    assert [name for name, original in ORIGINALS.items() if original is not None and patched[name] is original] == []
     assert hasattr(background.BackgroundTask, "_otel_original_call")
 
     otel_bgtasks.uninstrument()
 
-    assert current_attributes() == ORIGINALS
-    assert all(current_attributes()[name] is original for name, original in ORIGINALS.items())
-    assert not hasattr(background.BackgroundTask, "_otel_original_call")
-
-
-async def test_fastapi_override_is_restored(tracer_provider: TracerProvider) -> None:
-    from fastapi import background as fastapi_background
-
-    before = vars(fastapi_background.BackgroundTasks).get("__call__")
-    otel_bgtasks.instrument(tracer_provider=tracer_provider)
-    otel_bgtasks.uninstrument()
-    assert vars(fastapi_background.BackgroundTasks).get("__call__") is before
+    assert_originals_restored()
 
 
 async def test_instrument_twice_changes_nothing(
@@ -79,12 +57,12 @@ async def test_instrument_twice_changes_nothing(
 ) -> None:
     app = starlette_app()
     assert otel_bgtasks.instrument(app, tracer_provider=tracer_provider) is app
-    patched = current_attributes()
+    patched = patch_state()
     middleware = list(app.user_middleware)
 
     assert otel_bgtasks.instrument(app, tracer_provider=tracer_provider, mode="link") is app
 
-    assert current_attributes() == patched
+    assert patch_state() == patched
     assert app.user_middleware == middleware
     with trace.get_tracer("tests").start_as_current_span("outer") as outer:
         await BackgroundTask(print, end="")()
@@ -182,20 +160,9 @@ def test_options_from_environment_explicit_arguments_win(caplog: pytest.LogCaptu
     assert "'child', 'link'" in caplog.text
 
 
-class _BrokenTracer(trace.Tracer):
-    def start_span(self, *args: Any, **kwargs: Any) -> trace.Span:
-        raise RuntimeError("tracer exploded")
-
-    def start_as_current_span(self, *args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError("tracer exploded")
-
-
-class _BrokenProvider(trace.TracerProvider):
-    def get_tracer(self, *args: Any, **kwargs: Any) -> trace.Tracer:
-        return _BrokenTracer()
-
-
-async def test_internal_failure_never_reaches_the_task(caplog: pytest.LogCaptureFixture) -> None:
+async def test_internal_failure_never_reaches_the_task(
+    tracer_provider: TracerProvider, caplog: pytest.LogCaptureFixture, fresh_guard: None
+) -> None:
     """A broken tracer: tasks still run with their own results and exceptions; the error is logged once."""
     ran: list[int] = []
 
@@ -205,7 +172,7 @@ async def test_internal_failure_never_reaches_the_task(caplog: pytest.LogCapture
     async def fail() -> None:
         raise LookupError("the user's own")
 
-    otel_bgtasks.instrument(tracer_provider=_BrokenProvider())
+    otel_bgtasks.instrument(tracer_provider=TracerDownForOtelBgtasks(tracer_provider))
     with caplog.at_level(logging.ERROR, logger="otel_bgtasks"):
         await BackgroundTasks([BackgroundTask(ok, 1), BackgroundTask(ok, 2)])()
         with pytest.raises(LookupError, match="the user's own"):
@@ -234,8 +201,7 @@ async def test_concurrent_instrument_and_uninstrument_leave_a_clean_state(tracer
     for thread in threads:
         thread.join()
 
-    assert current_attributes() == ORIGINALS
-    assert not hasattr(background.BackgroundTask, "_otel_original_call")
+    assert_originals_restored()
 
 
 # -- Lazy patching: FastAPI and contrib are patched when imported, never imported by otel_bgtasks -----

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from _servers import recording
-from conftest import HAS_NATIVE_TELEMETRY, task_spans
+from conftest import WITHOUT_NATIVE_TELEMETRY, task_spans
 from fastapi import BackgroundTasks, FastAPI
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -24,18 +24,11 @@ from starlette.background import BackgroundTask
 from starlette.background import BackgroundTasks as StarletteBackgroundTasks
 
 import otel_bgtasks
-from otel_bgtasks import guard
 
-WITHOUT_NATIVE_TELEMETRY: dict[str, Any] = {"telemetry": {"tracing": False}} if HAS_NATIVE_TELEMETRY else {}
 INTERNAL_ERROR = "otel_bgtasks failed internally"
 NEVER_RUN = "never run"
 MODES = pytest.mark.parametrize("continue_on_error", [False, True], ids=["default", "continue_on_error"])
-
-
-@pytest.fixture(autouse=True)
-def fresh_guard(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The internal-error guard logs once per place per process: each test sees its own."""
-    monkeypatch.setattr(guard, "_seen", set())
+pytestmark = pytest.mark.usefixtures("fresh_guard")  # each test sees its own once-per-place internal-error log
 
 
 def app_queueing(queue: Callable[[BackgroundTasks], None]) -> FastAPI:

@@ -19,25 +19,27 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequenc
 from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Any
 
+import _faults
 import httpx
 import pytest
 import sentry_sdk
-import wrapt
-from _servers import WAIT_SECONDS, Countdown, closed_port, get_many, recording, records_not_retained, serving
+from _faults import MeterDownForOtelBgtasks, TracerDownForOtelBgtasks
+from _metrics import metrics_by_name, points
+from _servers import (
+    WAIT_SECONDS,
+    Countdown,
+    SilentEndpoint,
+    closed_port,
+    get_many,
+    recording,
+    records_not_retained,
+    serving,
+)
 from _spans import add_work_route, assert_each_request_keeps_its_tasks, tag_task_span
-from conftest import task_spans
+from conftest import NATIVE_TELEMETRY_OFF, assert_originals_restored, task_spans
 from fastapi import BackgroundTasks, FastAPI
-from fastapi import background as fastapi_background
-from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-from opentelemetry.metrics import (
-    NoOpCounter,
-    NoOpHistogram,
-    NoOpMeter,
-    NoOpMeterProvider,
-    NoOpUpDownCounter,
-)
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
@@ -47,28 +49,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 from sentry_sdk.transport import Transport
 from starlette import background as starlette_background
-from starlette import concurrency as starlette_concurrency
 
 import otel_bgtasks
-from otel_bgtasks import guard
 from otel_bgtasks.task_state import TaskRun, TaskState
 
-NATIVE_TELEMETRY_OFF: dict[str, Any] = {"tracing": False, "metrics": False, "logs": False}
 INTERNAL_ERROR = "otel_bgtasks failed internally"
-
-
-def patch_state() -> dict[str, Any]:
-    """Every attribute otel_bgtasks patches, as it is now."""
-    return {
-        "BackgroundTask.__init__": vars(starlette_background.BackgroundTask)["__init__"],
-        "BackgroundTask.__call__": vars(starlette_background.BackgroundTask)["__call__"],
-        "BackgroundTasks.__call__": vars(starlette_background.BackgroundTasks)["__call__"],
-        "starlette.background.run_in_threadpool": starlette_background.run_in_threadpool,
-        "fastapi BackgroundTasks.__call__": vars(fastapi_background.BackgroundTasks).get("__call__"),
-    }
-
-
-ORIGINALS = patch_state()  # at import, before any test instruments anything
 
 
 def make_app(**kwargs: Any) -> FastAPI:
@@ -107,10 +92,9 @@ def internal_errors(records: Sequence[logging.LogRecord]) -> Counter[tuple[str, 
     return places
 
 
-@pytest.fixture
-def fresh_guard(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The internal-error guard logs once per place per process: give this test a clean slate."""
-    monkeypatch.setattr(guard, "_seen", set())
+def point_values(reader: InMemoryMetricReader, name: str) -> list[tuple[dict[str, Any], Any]]:
+    """Each data point of otel_bgtasks' metric ``name``: its attributes and its value."""
+    return [(dict(key), point.value) for key, point in points(metrics_by_name(reader)[name]).items()]
 
 
 def live(kind: type[Any], where: Callable[[Any], bool] = lambda _: True) -> int:
@@ -143,22 +127,25 @@ def earlier_objects_frozen() -> Iterator[None]:
 ENDPOINT_DOWN_REQUESTS = 2000
 ENDPOINT_DOWN_WARMUP = 400  # enough to fill the BatchSpanProcessor queue (about 5 spans per request)
 ENDPOINT_DOWN_CONCURRENCY = 20
-# A loop that waited for one failed export would stall ~0.9-1 s (timeout=1: refused, a ~0.9 s retry backoff,
-# then the deadline). Scheduling noise alone (GC, GIL, other work on 2 shared cores) measured up to 0.25 s, and
-# 0.67 s with three extra CPU hogs running.
-MAX_LOOP_LAG = 0.8
+# The collector accepts and never answers, so each export waits its whole timeout: a loop that waited for an
+# export would stall EXPORT_TIMEOUT seconds or more. Scheduling noise alone (GC, GIL, other work on 2 shared
+# cores) measured up to 0.25 s idle, 0.67 s with three CPU hogs, 2.7 s once under a loaded suite run.
+EXPORT_TIMEOUT = 10
+MAX_LOOP_LAG = EXPORT_TIMEOUT / 2
 MAX_RSS_GROWTH = 64 * 1024 * 1024
 BSP_QUEUE, BSP_BATCH = 2048, 512  # BatchSpanProcessor defaults
 
 
 class RecordingOTLPSpanExporter(OTLPSpanExporter):
-    """The real OTLP/HTTP exporter, keeping the result of each export."""
+    """The real OTLP/HTTP exporter, counting the exports it began and keeping the result of each it ended."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.begun = 0
         self.results: list[SpanExportResult] = []
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.begun += 1
         try:
             result = super().export(spans)
         except Exception:
@@ -186,15 +173,15 @@ class LoopLag:
 
 
 async def test_exporter_endpoint_down_tasks_run_memory_bounded_loop_unblocked() -> None:
-    port = closed_port()
+    collector = SilentEndpoint()
+    url = f"http://127.0.0.1:{collector.port}"
     resource = Resource.create({"service.name": "otel-bgtasks-endpoint-down"})
-    span_exporter = RecordingOTLPSpanExporter(endpoint=f"http://127.0.0.1:{port}/v1/traces", timeout=1)
+    span_exporter = RecordingOTLPSpanExporter(endpoint=f"{url}/v1/traces", timeout=EXPORT_TIMEOUT)
     provider = TracerProvider(resource=resource)
     provider.add_span_processor(BatchSpanProcessor(span_exporter))
+    metric_exporter = OTLPMetricExporter(endpoint=f"{url}/v1/metrics", timeout=EXPORT_TIMEOUT)
     metric_reader = PeriodicExportingMetricReader(
-        OTLPMetricExporter(endpoint=f"http://127.0.0.1:{port}/v1/metrics", timeout=1),
-        export_interval_millis=500,
-        export_timeout_millis=1000,
+        metric_exporter, export_interval_millis=500, export_timeout_millis=EXPORT_TIMEOUT * 1000
     )
     meter_provider = MeterProvider(metric_readers=[metric_reader], resource=resource)
     countdown = Countdown(ENDPOINT_DOWN_REQUESTS * 2)
@@ -239,7 +226,8 @@ async def test_exporter_endpoint_down_tasks_run_memory_bounded_loop_unblocked() 
             rss_growth = rss_bytes() - rss_after_warmup
             live_spans = live(ReadableSpan, ours)  # processors get (and queue) ReadableSpan copies
             server.stop()  # graceful: waits for every task
-        exports_while_serving = list(span_exporter.results)
+        exports_begun_while_serving = span_exporter.begun
+        connections_while_serving = collector.accepted
 
         responses = warmup + rest
         wrong = [
@@ -249,9 +237,9 @@ async def test_exporter_endpoint_down_tasks_run_memory_bounded_loop_unblocked() 
         ]
         assert wrong == []
         assert countdown.done.is_set(), "some background tasks did not run"
-        # The endpoint really was down: spans were sent during the run and every export failed.
-        assert exports_while_serving, "no export was attempted while serving"
-        assert set(exports_while_serving) == {SpanExportResult.FAILURE}
+        # The collector really was hung: spans were sent to it during the run, and it never answered.
+        assert exports_begun_while_serving > 0, "no export was attempted while serving"
+        assert connections_while_serving > 0, "no exporter reached the collector"
         # Nothing blocked the server's loop waiting for the exporter.
         assert lag.samples > 10
         assert max_lag < MAX_LOOP_LAG, f"the event loop stalled for {max_lag:.3f} s"
@@ -264,13 +252,17 @@ async def test_exporter_endpoint_down_tasks_run_memory_bounded_loop_unblocked() 
         assert live(TaskState, lambda state: state.names.function_name in task_names) == 0
         assert live(TaskRun, lambda run: run.names.function_name in task_names) == 0
     finally:
-        # Stop the exporter first so the flush at shutdown does not retry against the closed port.
+        # Stop the exporters first, so that neither retries nor flushes at shutdown; then hang up, which
+        # fails the exports still waiting on the collector at once.
         span_exporter.shutdown()
+        metric_exporter.shutdown()
+        collector.hang_up()
         began = time.perf_counter()
         provider.shutdown()
         meter_provider.shutdown(timeout_millis=1000)
         shutdown_seconds = time.perf_counter() - began
     assert shutdown_seconds < 5, "shutting the providers down took too long"
+    assert set(span_exporter.results) == {SpanExportResult.FAILURE}, "an export to the hung collector succeeded"
 
 
 # -- 2. Many concurrent requests: each task keeps its own request ------------------------------------
@@ -352,56 +344,6 @@ async def test_500_concurrent_requests_each_keep_their_own_tasks(
 
 class Declined(Exception):
     pass
-
-
-class TracerDown(trace.NoOpTracer):
-    def start_span(self, *args: Any, **kwargs: Any) -> trace.Span:
-        raise RuntimeError("tracer down")
-
-
-class TracerDownForOtelBgtasks(trace.TracerProvider):
-    """A real SDK provider for everyone (request spans included), except otel_bgtasks' own tracer."""
-
-    def __init__(self, real: trace.TracerProvider) -> None:
-        self._real = real
-
-    def get_tracer(self, instrumenting_module_name: str, *args: Any, **kwargs: Any) -> trace.Tracer:
-        if instrumenting_module_name.startswith("otel_bgtasks"):
-            return TracerDown()
-        return self._real.get_tracer(instrumenting_module_name, *args, **kwargs)
-
-
-class HistogramDown(NoOpHistogram):
-    def record(self, *args: Any, **kwargs: Any) -> None:
-        raise RuntimeError("histogram down")
-
-
-class CounterDown(NoOpCounter):
-    def add(self, *args: Any, **kwargs: Any) -> None:
-        raise RuntimeError("counter down")
-
-
-class UpDownCounterDown(NoOpUpDownCounter):
-    def add(self, *args: Any, **kwargs: Any) -> None:
-        raise RuntimeError("up-down counter down")
-
-
-class MeterDown(NoOpMeter):
-    def create_histogram(self, name: str, *args: Any, **kwargs: Any) -> NoOpHistogram:
-        return HistogramDown(name)
-
-    def create_counter(self, name: str, *args: Any, **kwargs: Any) -> NoOpCounter:
-        return CounterDown(name)
-
-    def create_up_down_counter(self, name: str, *args: Any, **kwargs: Any) -> NoOpUpDownCounter:
-        return UpDownCounterDown(name)
-
-
-class MeterDownForOtelBgtasks(NoOpMeterProvider):
-    """Every instrument of otel_bgtasks' meter raises; other meters (the ASGI middleware's) work."""
-
-    def get_meter(self, name: str, *args: Any, **kwargs: Any) -> NoOpMeter:
-        return MeterDown(name) if name.startswith("otel_bgtasks") else NoOpMeter(name)
 
 
 def is_ours(event: Any) -> bool:
@@ -550,7 +492,8 @@ async def test_faults_inside_otel_bgtasks_never_reach_tasks_or_requests(
     else:
         assert len(places) == 1, places
         ((kind, filename, _),) = places
-        assert (kind, filename) == ("RuntimeError", __file__)
+        # Raised by the injected fault (tests/_faults.py, or the Sentry fakes here), not by otel_bgtasks itself.
+        assert kind == "RuntimeError" and filename in {_faults.__file__, __file__}
     if fault.startswith("sentry"):
         # The faulty hook really was reached, once per failure (the direct call's included).
         assert hook.ours == Scenario.FAIL_REQUESTS + 1
@@ -562,22 +505,6 @@ async def test_faults_inside_otel_bgtasks_never_reach_tasks_or_requests(
         assert all(s.status.status_code is StatusCode.ERROR for s in failures)
         logged = [r for r in ours.records if r.getMessage().startswith("Background task ") and "failed" in r.msg]
         assert len(logged) == Scenario.FAIL_REQUESTS + 1
-
-
-def metric_points(reader: InMemoryMetricReader, name: str) -> list[tuple[dict[str, Any], float]]:
-    """Each data point of metric ``name``: its attributes and its value (a histogram's count)."""
-    points: list[tuple[dict[str, Any], float]] = []
-    data = reader.get_metrics_data()
-    for resource_metrics in data.resource_metrics if data else ():
-        for scope_metrics in resource_metrics.scope_metrics:
-            for metric in scope_metrics.metrics:
-                if metric.name == name:
-                    for point in metric.data.data_points:
-                        value = getattr(point, "value", None)
-                        points.append(
-                            (dict(point.attributes or {}), getattr(point, "count", 0) if value is None else value)
-                        )
-    return points
 
 
 async def test_broken_meter_does_not_lose_the_task_span(
@@ -622,7 +549,7 @@ async def test_broken_tracer_keeps_metrics_and_failure_log(tracer_provider: Trac
     assert [r.exc_info[1] if r.exc_info else None for r in failure_logs] == [error]
     outcomes = {
         (str(attributes["code.function.name"]).rsplit(".", 1)[-1], attributes["background_task.outcome"]): value
-        for attributes, value in metric_points(reader, "background_task.outcomes")
+        for attributes, value in point_values(reader, "background_task.outcomes")
     }
     assert outcomes == {("fail", "error"): 1, ("after", "skipped"): 1}
 
@@ -727,12 +654,7 @@ async def test_instrument_uninstrument_race_while_serving(
 
     # Every thread ended with uninstrument(): Starlette and FastAPI are exactly as they were.
     assert not otel_bgtasks.BackgroundTasksInstrumentor().is_instrumented_by_opentelemetry
-    state = patch_state()
-    assert state == ORIGINALS
-    assert all(state[name] is ORIGINALS[name] for name in ORIGINALS)
-    assert not any(isinstance(value, wrapt.ObjectProxy) for value in state.values())
-    assert starlette_background.run_in_threadpool is starlette_concurrency.run_in_threadpool
-    assert not hasattr(starlette_background.BackgroundTask, "_otel_original_call")
+    assert_originals_restored()
 
 
 # -- 5. Graceful shutdown with a task still running ---------------------------------------------------
@@ -794,9 +716,9 @@ async def test_graceful_shutdown_cancels_running_task_and_its_span_is_exported()
     assert task.parent is not None
     assert spans[task.parent.span_id].kind is SpanKind.SERVER
     assert [r for r in ours.records if r.levelno >= logging.ERROR] == []
-    active = [value for attributes, value in metric_points(reader, "background_task.active")]
+    active = [value for attributes, value in point_values(reader, "background_task.active")]
     assert active == [0]
-    outcomes = {a["background_task.outcome"]: value for a, value in metric_points(reader, "background_task.outcomes")}
+    outcomes = {a["background_task.outcome"]: value for a, value in point_values(reader, "background_task.outcomes")}
     assert outcomes == {"cancelled": 1}
 
 

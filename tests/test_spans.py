@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
 from typing import Any
 
 import httpx
 import pytest
-from conftest import spans_named, task_spans
+from _spans import ANY_DURATION, containing, span_as_dict
+from conftest import WITHOUT_NATIVE_TELEMETRY, spans_named, task_spans
 from fastapi import BackgroundTasks, FastAPI
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -25,9 +25,6 @@ from starlette.routing import Route
 import otel_bgtasks
 
 tracer = trace.get_tracer("tests")
-WITHOUT_NATIVE_TELEMETRY: dict[str, Any] = (
-    {"telemetry": {"tracing": False}} if "telemetry" in inspect.signature(FastAPI).parameters else {}
-)
 
 
 class PaymentDeclined(Exception):
@@ -89,6 +86,20 @@ def creating_span(exporter: InMemorySpanExporter, app: FastAPI) -> ReadableSpan:
     return span
 
 
+def task_spans_as_dicts(exporter: InMemorySpanExporter) -> list[dict[str, Any]]:
+    finished = exporter.get_finished_spans()
+    return [span_as_dict(span, finished) for span in task_spans(exporter)]
+
+
+def code_of(func: Any) -> dict[str, Any]:
+    """The ``code.*`` attributes of a task span: the function that ran and where it is defined."""
+    return {
+        "code.function.name": f"{__name__}.{func.__qualname__}",
+        "code.file.path": __file__,
+        "code.line.number": func.__code__.co_firstlineno,
+    }
+
+
 async def test_task_span_is_child_of_request_with_contract_attributes(
     tracer_provider: TracerProvider, exporter: InMemorySpanExporter
 ) -> None:
@@ -100,25 +111,45 @@ async def test_task_span_is_child_of_request_with_contract_attributes(
 
     assert response.json() == {"ok": True}
     request = creating_span(exporter, app)
-    email, cache = task_spans(exporter)
-    assert email.name == "BackgroundTask send_email"
-    assert cache.name == "BackgroundTask refresh_cache"
-    for span in (email, cache):
-        assert span.kind is SpanKind.INTERNAL
-        assert span.parent is not None and span.parent.span_id == request.context.span_id
-        assert span.context.trace_id == request.context.trace_id
-        assert span.attributes is not None
-        assert span.attributes["code.file.path"] == __file__
-        assert span.attributes["background_task.outcome"] == "success"
-        assert span.attributes["background_task.queue.duration"] >= 0
-        assert span.status.status_code is StatusCode.UNSET
-    assert email.attributes is not None and cache.attributes is not None
-    assert email.attributes["code.function.name"] == f"{__name__}.send_email"
-    assert email.attributes["code.line.number"] == send_email.__code__.co_firstlineno
-    assert email.attributes["background_task.execution"] == "threadpool"
-    assert email.attributes["background_task.index"] == 0
-    assert cache.attributes["background_task.execution"] == "async"
-    assert cache.attributes["background_task.index"] == 1
+    assert request.name == "GET /"
+    assert task_spans_as_dicts(exporter) == [
+        {
+            "name": "BackgroundTask send_email",
+            "kind": SpanKind.INTERNAL,
+            "parent": "GET /",
+            "links": [],
+            "status": (StatusCode.UNSET, None),
+            "attributes": {
+                "code.function.name": f"{__name__}.send_email",
+                "code.file.path": __file__,
+                "code.line.number": send_email.__code__.co_firstlineno,
+                "background_task.execution": "threadpool",
+                "background_task.index": 0,
+                "background_task.queue.duration": ANY_DURATION,
+                "background_task.threadpool.wait": ANY_DURATION,
+                "background_task.outcome": "success",
+            },
+            "events": [],
+        },
+        {
+            "name": "BackgroundTask refresh_cache",
+            "kind": SpanKind.INTERNAL,
+            "parent": "GET /",
+            "links": [],
+            "status": (StatusCode.UNSET, None),
+            "attributes": {
+                "code.function.name": f"{__name__}.refresh_cache",
+                "code.file.path": __file__,
+                "code.line.number": refresh_cache.__code__.co_firstlineno,
+                "background_task.execution": "async",
+                "background_task.index": 1,
+                "background_task.queue.duration": ANY_DURATION,
+                "background_task.blocking.max": ANY_DURATION,
+                "background_task.outcome": "success",
+            },
+            "events": [],
+        },
+    ]
     # Child mode: the task spans' parent and queue delay say who queued them and when; no event needed.
     assert [e.name for e in request.events if e.name.startswith("background_task.")] == []
 
@@ -133,26 +164,67 @@ async def test_failure_is_recorded_and_following_tasks_are_shown_skipped(
     response = await get(app)
 
     assert response.status_code == 200  # the response was sent before the task failed
-    request = creating_span(exporter, app)
-    charge, warehouse, email = task_spans(exporter)
-    assert charge.attributes is not None
-    assert charge.attributes["background_task.outcome"] == "error"
-    assert charge.attributes["error.type"] == f"{__name__}.PaymentDeclined"
-    assert charge.status.status_code is StatusCode.ERROR
-    assert charge.status.description == "card 4242 declined"
-    (event,) = [e for e in charge.events if e.name == "exception"]
-    assert event.attributes is not None
-    assert event.attributes["exception.message"] == "card 4242 declined"
-    assert "charge_card" in str(event.attributes["exception.stacktrace"])
-
-    for skipped, index in ((warehouse, 1), (email, 2)):
-        assert skipped.attributes is not None
-        assert skipped.attributes["background_task.outcome"] == "skipped"
-        assert skipped.attributes["background_task.index"] == index
-        assert skipped.parent is not None and skipped.parent.span_id == request.context.span_id
-        assert skipped.start_time == skipped.end_time
-        assert "background_task.queue.duration" not in skipped.attributes
-    assert warehouse.name == "BackgroundTask notify_warehouse"
+    assert creating_span(exporter, app).name == "GET /"
+    assert task_spans_as_dicts(exporter) == [
+        {
+            "name": "BackgroundTask charge_card",
+            "kind": SpanKind.INTERNAL,
+            "parent": "GET /",
+            "links": [],
+            "status": (StatusCode.ERROR, "card 4242 declined"),
+            "attributes": {
+                **code_of(charge_card),
+                "background_task.execution": "async",
+                "background_task.index": 0,
+                "background_task.queue.duration": ANY_DURATION,
+                "background_task.blocking.max": ANY_DURATION,
+                "background_task.outcome": "error",
+                "error.type": f"{__name__}.PaymentDeclined",
+            },
+            "events": [
+                {
+                    "name": "exception",
+                    "attributes": {
+                        "exception.type": f"{__name__}.PaymentDeclined",
+                        "exception.message": "card 4242 declined",
+                        "exception.stacktrace": containing(", in charge_card\n"),
+                        "exception.escaped": "True",
+                    },
+                }
+            ],
+        },
+        # The tasks after it never ran: no queue delay, no execution measurements, a zero-length span.
+        {
+            "name": "BackgroundTask notify_warehouse",
+            "kind": SpanKind.INTERNAL,
+            "parent": "GET /",
+            "links": [],
+            "status": (StatusCode.UNSET, None),
+            "attributes": {
+                **code_of(notify_warehouse),
+                "background_task.execution": "threadpool",
+                "background_task.index": 1,
+                "background_task.outcome": "skipped",
+            },
+            "events": [],
+        },
+        {
+            "name": "BackgroundTask send_email",
+            "kind": SpanKind.INTERNAL,
+            "parent": "GET /",
+            "links": [],
+            "status": (StatusCode.UNSET, None),
+            "attributes": {
+                **code_of(send_email),
+                "background_task.execution": "threadpool",
+                "background_task.index": 2,
+                "background_task.outcome": "skipped",
+            },
+            "events": [],
+        },
+    ]
+    _, *skipped = task_spans(exporter)
+    assert [span.end_time for span in skipped] == [span.start_time for span in skipped]
 
 
 async def test_builtin_error_type_is_bare() -> None:
@@ -262,12 +334,29 @@ async def test_link_mode_starts_a_new_trace_linked_to_the_request(
 
     request = creating_span(exporter, app)
     (task,) = task_spans(exporter)
-    assert task.parent is None
+    finished = exporter.get_finished_spans()
+    assert span_as_dict(task, finished) == {
+        "name": "BackgroundTask send_email",
+        "kind": SpanKind.INTERNAL,
+        "parent": None,
+        "links": ["GET /"],
+        "status": (StatusCode.UNSET, None),
+        "attributes": {
+            **code_of(send_email),
+            "background_task.execution": "threadpool",
+            "background_task.index": 0,
+            "background_task.queue.duration": ANY_DURATION,
+            "background_task.threadpool.wait": ANY_DURATION,
+            "background_task.outcome": "success",
+        },
+        "events": [],
+    }
     assert task.context.trace_id != request.context.trace_id
-    assert [link.context.span_id for link in task.links] == [request.context.span_id]
     # The request span ended with the response, before the task ran: its trace keeps the enqueued event.
-    assert request.links == ()
-    assert [e.name for e in request.events] == ["background_task.enqueued"]
+    assert span_as_dict(request, finished)["links"] == []
+    assert span_as_dict(request, finished)["events"] == [
+        {"name": "background_task.enqueued", "attributes": {"code.function.name": f"{__name__}.send_email"}}
+    ]
 
 
 async def test_link_mode_links_back_from_a_creating_span_still_open(
@@ -293,11 +382,22 @@ async def test_link_mode_skipped_tasks_are_linked_roots(
     )
     await get(app)
 
-    request = creating_span(exporter, app)
-    _, skipped = task_spans(exporter)
-    assert skipped.parent is None
-    assert skipped.attributes is not None and skipped.attributes["background_task.outcome"] == "skipped"
-    assert [link.context.span_id for link in skipped.links] == [request.context.span_id]
+    assert creating_span(exporter, app).name == "GET /"
+    _, skipped = task_spans_as_dicts(exporter)
+    assert skipped == {
+        "name": "BackgroundTask notify_warehouse",
+        "kind": SpanKind.INTERNAL,
+        "parent": None,
+        "links": ["GET /"],
+        "status": (StatusCode.UNSET, None),
+        "attributes": {
+            **code_of(notify_warehouse),
+            "background_task.execution": "threadpool",
+            "background_task.index": 1,
+            "background_task.outcome": "skipped",
+        },
+        "events": [],
+    }
 
 
 async def test_unsampled_request_records_nothing_and_task_still_runs(exporter: InMemorySpanExporter) -> None:

@@ -15,9 +15,9 @@ from typing import Any
 
 import httpx
 import pytest
-from _servers import Countdown, serving
+from _servers import WAIT_SECONDS, Countdown, serving
 from _spans import add_work_route, assert_each_request_keeps_its_tasks, tag_task_span
-from conftest import spans_named, task_spans, with_native
+from conftest import NATIVE_TELEMETRY_OFF, spans_named, task_spans, with_native
 from fastapi import BackgroundTasks, FastAPI
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -25,9 +25,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 import otel_bgtasks
-
-WAIT_SECONDS = 10
-NATIVE_TELEMETRY_OFF: dict[str, Any] = {"tracing": False, "metrics": False, "logs": False}
 
 # How the app gets request spans: the ASGI middleware otel_bgtasks.instrument(app) adds, FastAPI's
 # native telemetry, or opentelemetry-instrumentation-fastapi (applied before otel_bgtasks).

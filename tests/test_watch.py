@@ -45,7 +45,7 @@ from otel_bgtasks.cli.trees import trace_tree
 from otel_bgtasks.cli.watch import KEEP_SECONDS, PAUSE_SECONDS, QUIET_SECONDS, SETTLE_SECONDS, Traces
 
 OTEL_BGTASKS = str(Path(sys.executable).parent / "otel-bgtasks")
-WAIT_SECONDS = 30  # uvicorn's start under opentelemetry-instrument's sitecustomize, on 2 busy cores
+WATCH_SECONDS = 30  # uvicorn's start under opentelemetry-instrument's sitecustomize, on 2 busy cores
 
 FASTAPI_APP = """
 from fastapi import BackgroundTasks, FastAPI
@@ -129,11 +129,11 @@ class Output:
     def wait_for(self, text: str, count: int = 1) -> None:
         """Until ``count`` lines contain ``text``."""
         with self._changed:
-            found = self._changed.wait_for(lambda: sum(text in line for line in self.lines) >= count, WAIT_SECONDS)
+            found = self._changed.wait_for(lambda: sum(text in line for line in self.lines) >= count, WATCH_SECONDS)
         assert found, f"{count} x {text!r} not in:\n" + self.text()
 
     def close(self) -> list[str]:
-        self._thread.join(WAIT_SECONDS)
+        self._thread.join(WATCH_SECONDS)
         return self.lines
 
     def text(self) -> str:
@@ -156,7 +156,7 @@ class Watch:
             os.write(self.terminal, b"\x03")  # the terminal signals its foreground process group
         else:
             self.process.send_signal(signal.SIGINT)
-        return self.process.wait(WAIT_SECONDS)
+        return self.process.wait(WATCH_SECONDS)
 
 
 def environment() -> dict[str, str]:
@@ -191,7 +191,7 @@ def watching(
         if process.poll() is None:
             process.send_signal(signal.SIGINT)
             try:
-                process.wait(WAIT_SECONDS)
+                process.wait(WATCH_SECONDS)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
@@ -375,7 +375,7 @@ def test_receiver_takes_what_the_sdk_exporter_sends(compression: Compression) ->
         provider.add_span_processor(SimpleSpanProcessor(exporter))
         with provider.get_tracer("test").start_as_current_span("GET /x", kind=SpanKind.SERVER):
             pass
-        (span,) = receiver.get(timeout=WAIT_SECONDS)
+        (span,) = receiver.get(timeout=WATCH_SECONDS)
         provider.shutdown()
     assert (span.name, span.kind) == ("GET /x", SpanKind.SERVER)
 
