@@ -232,11 +232,15 @@ def _serve_and_call(app: ASGIApp, requests: Sequence[demo_app.DemoRequest], memo
 
 def _wait_for_tasks(memory: InMemorySpanExporter, count: int, timeout: float) -> None:
     """Wait until ``count`` task spans have ended: every task queued so far ran, failed or was skipped."""
-    _wait(lambda: sum(is_task(span) for span in memory.get_finished_spans()) >= count, timeout)
+    if not _wait(lambda: sum(is_task(span) for span in memory.get_finished_spans()) >= count, timeout):
+        raise RuntimeError(f"the demo's background tasks did not all end within {timeout:g} s")
 
 
-def _wait(condition: Callable[[], bool], timeout: float) -> None:
-    """Poll: the server's thread gives no signal to wait on."""
+def _wait(condition: Callable[[], bool], timeout: float) -> bool:
+    """Poll: the server's thread gives no signal to wait on. Returns whether ``condition`` came true."""
     deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.005)
+    return True
