@@ -12,7 +12,8 @@ from __future__ import annotations
 import inspect
 import logging
 import sys
-from typing import Final
+from types import CodeType
+from typing import Any, Final
 
 _logger = logging.getLogger("otel_bgtasks")
 
@@ -48,13 +49,24 @@ def discard(func: object) -> None:
 def creation_site() -> str:
     """``file:line`` of the user's code that is creating a task (first frame outside the frameworks)."""
     frame = sys._getframe(1)  # pyright: ignore[reportPrivateUsage]
-    while frame.f_back is not None and _is_framework(str(frame.f_globals.get("__name__", ""))):
+    while frame.f_back is not None and _is_framework(frame.f_code, frame.f_globals):
         frame = frame.f_back
     return f"{frame.f_code.co_filename}:{frame.f_lineno}"
 
 
-def _is_framework(module: str) -> bool:
-    return module.startswith(_FRAMEWORK_MODULES) and not module.startswith(_USER_MODULES)
+# Per code object, whether it is the frameworks': every task walks the same few frames, so the module
+# name checks run once per function, not once per task. Bounded: code made at run time is rare here.
+_framework_code: dict[CodeType, bool] = {}
+
+
+def _is_framework(code: CodeType, module_globals: dict[str, Any]) -> bool:
+    known = _framework_code.get(code)
+    if known is None:
+        module = str(module_globals.get("__name__", ""))
+        known = module.startswith(_FRAMEWORK_MODULES) and not module.startswith(_USER_MODULES)
+        if len(_framework_code) < 4096:
+            _framework_code[code] = known
+    return known
 
 
 # The messages, %-formatted with the task's code.function.name and a place or a time: in the log, and in

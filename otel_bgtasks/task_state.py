@@ -6,7 +6,7 @@ task: when Starlette (or the user) drops the task, its captured context goes wit
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from typing import Any, Final
 
@@ -112,7 +112,7 @@ class TaskRun:
         self.outcome = ""  # set when the run ends
         self.error: BaseException | None = None  # the failure to report; cleared once reported
         self.diagnosis: Diagnosis | None = None  # why it failed, when that is a known mistake
-        self.skipped: list[str] = []  # tasks of the same BackgroundTasks left unrun because this one failed
+        self.skipped: Sequence[str] = ()  # tasks of the same BackgroundTasks left unrun because this one failed
 
     @property
     def threadpool_wait(self) -> float | None:
