@@ -90,11 +90,13 @@ class TaskMetrics:
         with self._lock:
             self._active[key] = self._active.get(key, 0) + 1
 
-    def ended(self, function_name: str, execution: str) -> None:
-        """Count a task as no longer active."""
+    def ended(self, function_name: str, execution: str, outcome: str) -> None:
+        """Count a task as no longer active, and as one that ended with ``outcome``: one lock for both."""
         key = (function_name, execution)
+        outcome_key = (function_name, execution, outcome)
         with self._lock:
             self._active[key] = self._active.get(key, 0) - 1
+            self._outcomes[outcome_key] = self._outcomes.get(outcome_key, 0) + 1
 
     def count(self, function_name: str, execution: str, outcome: str) -> None:
         """Count one task that ended with ``outcome``."""

@@ -49,7 +49,12 @@ def discard(func: object) -> None:
 def creation_site() -> str:
     """``file:line`` of the user's code that is creating a task (first frame outside the frameworks)."""
     frame = sys._getframe(1)  # pyright: ignore[reportPrivateUsage]
-    while frame.f_back is not None and _is_framework(frame.f_code, frame.f_globals):
+    while frame.f_back is not None:
+        known = _framework_code.get(frame.f_code)  # inlined: a call per frame costs more than the lookup
+        if known is None:
+            known = _is_framework(frame.f_code, frame.f_globals)
+        if not known:
+            break
         frame = frame.f_back
     return f"{frame.f_code.co_filename}:{frame.f_lineno}"
 

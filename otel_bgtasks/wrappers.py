@@ -37,6 +37,8 @@ from otel_bgtasks.task_state import STATE_ATTRIBUTE, TaskRun, TaskState, state_o
 from otel_bgtasks.version import __version__
 
 _logger = logging.getLogger("otel_bgtasks")
+# The guard, taken once: ``with _guard:`` costs two calls where ``with _guard:`` costs three.
+_guard = capture_internal_exceptions()
 
 # The running task, carried in the OpenTelemetry context we attach anyway, so the thread-pool hand-off
 # can find it without a context variable of its own.
@@ -93,7 +95,7 @@ class TaskWrappers:
         """``BackgroundTask.__init__``: remember the creating context, and say so on the creating span."""
         wrapped(*args, **kwargs)
         problem = None
-        with capture_internal_exceptions():
+        with _guard:
             problem = self._remember_creation(instance)
         if problem is not None and self._options.strict:
             raise TypeError(problem)
@@ -115,13 +117,13 @@ class TaskWrappers:
             if not self._options.strict:
                 _logger.error("%s (at %s)", problem, state.site)
             for listener in listeners.active:
-                with capture_internal_exceptions():
+                with _guard:
                     listener.task_invalid(state, problem)
             if creator.is_recording():
                 creator.add_event(semconv.EVENT_INVALID, {semconv.PROBLEM: problem})
             return problem
         for listener in listeners.active:
-            with capture_internal_exceptions():
+            with _guard:
                 listener.task_created(state)
         if self._link_mode and creator.is_recording():
             # The task's span will be in another trace: leave a trail in this one. (In child mode the
@@ -136,7 +138,7 @@ class TaskWrappers:
         self._metrics.count(state.names.function_name, execution, semconv.OUTCOME_DROPPED)
         report_dropped(state.names.function_name, state.site)
         for listener in listeners.active:
-            with capture_internal_exceptions():
+            with _guard:
                 listener.task_dropped(state)
 
     # -- execution --------------------------------------------------------------------------------
@@ -145,7 +147,7 @@ class TaskWrappers:
         """``BackgroundTask.__call__``: run the task inside its span."""
         call = wrapped if self.bypass_call is None else partial(self.bypass_call, instance)
         run = None
-        with capture_internal_exceptions():
+        with _guard:
             run = self._start(instance)
         if run is None:
             return await call(*args, **kwargs)
@@ -189,30 +191,29 @@ class TaskWrappers:
                 attributes[semconv.QUEUE_DURATION] = queue_duration
             span = self._start_span(names.span_name, creating, attributes, start_ns)
         run = TaskRun(task, state, execution, span, start_ns)
-        # From here on the span exists: whatever fails, the run is returned so that the span is ended.
-        with capture_internal_exceptions():
-            run.timeout = names.timeout_or(self._options.timeout)
-            run.queue_duration = queue_duration
-            if span.is_recording():
-                if self._link_mode:
-                    _link_back(trace.get_current_span(creating), span)
-                if self._arguments is not None:
-                    args, kwargs = self._arguments.render(task.func, task.args, task.kwargs)
-                    span.set_attributes({semconv.ARGS: args, semconv.KWARGS: kwargs})
-        with capture_internal_exceptions():
-            handed_over = handed_over_session(task.args, task.kwargs)  # cause 5, seen before it fails
-            if handed_over is not None:
-                warn_handed_over_session(names.function_name, handed_over)
-                span.add_event(semconv.EVENT_SESSION_HANDED_OVER, {semconv.PROBLEM: handed_over})
-        with capture_internal_exceptions():  # a broken meter must not lose the span
-            self._metrics.started(run.names.function_name, execution)
-            if queue_duration is not None and self._options.queue_duration_metric:
-                self._metrics.queue_duration.record(queue_duration, self._attributes(run, None, None))
-        with capture_internal_exceptions():
+        run.queue_duration = queue_duration
+        # From here on the span exists: whatever fails, the run is returned so that the span is ended. The
+        # task's context first, so that nothing below can leave the task running outside its span.
+        with _guard:
             context = trace.set_span_in_context(span, creating)
             if execution is semconv.EXECUTION_THREADPOOL:  # only the thread-pool hand-off looks for the run
                 context = otel_context.set_value(_RUN_KEY, run, context)
             run.token = otel_context.attach(context)
+        with _guard:
+            run.timeout = names.timeout_or(self._options.timeout)
+            self._metrics.started(names.function_name, execution)
+            if queue_duration is not None and self._options.queue_duration_metric:
+                self._metrics.queue_duration.record(queue_duration, self._attributes(run, None, None))
+            handed_over = handed_over_session(task.args, task.kwargs)  # cause 5, seen before it fails
+            if handed_over is not None:
+                warn_handed_over_session(names.function_name, handed_over)
+                span.add_event(semconv.EVENT_SESSION_HANDED_OVER, {semconv.PROBLEM: handed_over})
+            if span.is_recording():
+                if self._link_mode:
+                    _link_back(parent, span)
+                if self._arguments is not None:
+                    args, kwargs = self._arguments.render(task.func, task.args, task.kwargs)
+                    span.set_attributes({semconv.ARGS: args, semconv.KWARGS: kwargs})
         return run
 
     def _start_span(self, name: str, creating: Context, attributes: dict[str, AttributeValue], start_ns: int) -> Span:
@@ -232,21 +233,22 @@ class TaskWrappers:
         end_ns = run.end_ns = time_ns()
         duration = (end_ns - run.start_ns) / 1e9
         run.outcome, run.error = semconv.OUTCOME_ERROR, exc
-        with capture_internal_exceptions():
-            if run.token is not None:
-                otel_context.detach(run.token)  # pyright: ignore[reportArgumentType]
-                run.token = None  # the context holds the run: let both go as soon as the task does
-        with capture_internal_exceptions():
-            run.outcome, run.error = self._classify(run, exc, duration)
-            if run.error is not None:  # causes 1, 2 and 5: a known mistake behind the error
-                run.diagnosis = diagnose(run.error) if run.state.problem is None else misuse(run.state.problem)
-            if run.span.is_recording():
-                self._annotate(run, end_ns)
-        with capture_internal_exceptions():
-            run.span.end(end_ns)
-        with capture_internal_exceptions():
+        with _guard:
+            try:
+                if run.token is not None:
+                    otel_context.detach(run.token)  # pyright: ignore[reportArgumentType]
+                    run.token = None  # the context holds the run: let both go as soon as the task does
+                run.outcome, run.error = self._classify(run, exc, duration)
+                if run.error is not None:  # causes 1, 2 and 5: a known mistake behind the error
+                    run.diagnosis = diagnose(run.error) if run.state.problem is None else misuse(run.state.problem)
+                if run.span.is_recording():
+                    self._annotate(run, end_ns)
+            finally:
+                run.span.end(end_ns)
+        with _guard:
             self._record_metrics(run, duration)
-            self._warn_if_blocking(run)
+            if run.blocking is not None:
+                self._warn_if_blocking(run)
 
     def _report_or_park(self, run: TaskRun, exc: BaseException) -> None:
         """A task that raised out of a ``BackgroundTasks`` is reported by call_tasks, with the tasks it left unrun."""
@@ -258,18 +260,17 @@ class TaskWrappers:
     def _report(self, run: TaskRun) -> None:
         """Tell the listeners first (Sentry marks the exception as its own), then log a failure."""
         for listener in listeners.active:
-            with capture_internal_exceptions():
+            with _guard:
                 listener.task_ended(run)
         if run.error is not None:
-            with capture_internal_exceptions():
+            with _guard:
                 _log_failure(run, run.error)
             run.error = None  # its traceback holds frames that hold the run: break the cycle now
 
     def _record_metrics(self, run: TaskRun, duration: float) -> None:
         task_metrics = self._metrics
-        task_metrics.ended(run.names.function_name, run.execution)
+        task_metrics.ended(run.names.function_name, run.execution, run.outcome)
         task_metrics.duration.record(duration, self._attributes(run, run.outcome, run.error))
-        task_metrics.count(run.names.function_name, run.execution, run.outcome)
         if run.threadpool_wait is not None:
             task_metrics.threadpool_wait.record(run.threadpool_wait, self._attributes(run, None, None))
 
@@ -329,7 +330,7 @@ class TaskWrappers:
         name = run.names.function_name
         self._metrics.blocked(name, run.execution)
         for listener in listeners.active:
-            with capture_internal_exceptions():
+            with _guard:
                 listener.task_blocked(run)
         if name in self._warned_blocking:  # once per function: the span event shows every occurrence
             return
@@ -390,7 +391,7 @@ class TaskWrappers:
         try:
             for position, task in enumerate(tasks):
                 started_ns = time_ns()
-                with capture_internal_exceptions():
+                with _guard:
                     if hasattr(task, "func"):  # not a BackgroundTasks appended to the list itself
                         state_of(task).index = position
                 if not self._options.continue_on_error:
@@ -399,12 +400,12 @@ class TaskWrappers:
                 try:
                     await task()
                 except Exception as exc:  # cancellation, a BaseException, still stops the loop
-                    with capture_internal_exceptions():
+                    with _guard:
                         run = self._report_unseen_failure(task, exc, started_ns)
                         if run is not None:
                             self._report(run)
         except BaseException as exc:
-            with capture_internal_exceptions():
+            with _guard:
                 self._after_failure(tasks, position, started_ns, exc)
             raise
 
@@ -442,7 +443,7 @@ class TaskWrappers:
         skipped: list[str] = []
         now = time_ns()
         for task in _leaves(tasks):
-            with capture_internal_exceptions():
+            with _guard:
                 state = state_of(task)
                 if state.settled:
                     continue
@@ -461,7 +462,7 @@ class TaskWrappers:
                 skipped.append(names.function_name)
                 reason = "cancelled" if cancelled else "earlier_task_failed"
                 for listener in listeners.active:
-                    with capture_internal_exceptions():
+                    with _guard:
                         listener.task_skipped(state, reason)
         if skipped and cancelled:
             _logger.warning(
@@ -496,14 +497,14 @@ class TaskWrappers:
         if self.spans_recorded():
             return await BackgroundTasks.__call__(instance, *args, **kwargs)
         tasks: list[Any] = instance.tasks
-        with capture_internal_exceptions():
+        with _guard:
             for position, task in enumerate(tasks):  # as call_tasks numbers them: the failure waits for the skipped
                 if hasattr(task, "func"):
                     state_of(task).index = position
         try:
             return await wrapped(*args, **kwargs)
         except BaseException as exc:
-            with capture_internal_exceptions():
+            with _guard:
                 # FastAPI's loop stops where Starlette's does: at the last task that started.
                 started = [i for i, task in enumerate(tasks) if hasattr(task, "func") and state_of(task).ran]
                 self._after_failure(tasks, started[-1] if started else 0, time_ns(), exc)
