@@ -1,12 +1,13 @@
 """Per-task cost of otel_bgtasks and its peers, in units of one bare SDK span, measured side by side in one run.
 
     python benchmarks/bench_overhead.py                  # times, about a minute
-    python benchmarks/bench_overhead.py --instructions   # instruction counts under callgrind, ~6 minutes
-    python benchmarks/bench_overhead.py --breakdown      # the same, and where the cost goes, ~12 minutes
+    python benchmarks/bench_overhead.py --instructions   # instruction counts under callgrind, 3-6 minutes
+    python benchmarks/bench_overhead.py --breakdown      # the same, and where the cost goes, 6-12 minutes
     python benchmarks/bench_overhead.py --quick ...      # fewer iterations, for a smoke run
 
 The unit is one bare span, ``tracer.start_span("x").end()``, on an SDK ``TracerProvider`` with a
-``SimpleSpanProcessor`` to an exporter that drops everything. The workload is one request: start a
+``SimpleSpanProcessor`` to an exporter that drops everything, with a sampled request span current as
+when a task's span starts. The workload is one request: start a
 request span and make it current, add 5 async no-op tasks to a ``BackgroundTasks``, end the request
 span, run the tasks (as Starlette does after the response, still inside the request's context), with a
 real SDK ``MeterProvider`` whose ``InMemoryMetricReader`` is never collected during the run. Each arm
@@ -16,14 +17,15 @@ runs the same workload:
 
 Instruction counts (``--instructions``) come from valgrind's callgrind, one process per arm, and repeat
 almost exactly from run to run; see callgrind.py for how the regions are marked. Times (the default)
-come from one process and one event loop, the arms alternating round after round, medians over rounds,
-so that a noisy neighbour hits every arm alike; read their ratios, never the absolute times.
+are CPU times in one process and one event loop, the arms alternating round after round, medians over
+rounds, so that a noisy neighbour hits every arm alike; read their ratios, never the absolute times.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import os
 import statistics
@@ -37,7 +39,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import callgrind
+import callgrind  # benchmarks/callgrind.py, next to this script
 from opentelemetry import context, trace
 from opentelemetry.context import Context
 from opentelemetry.metrics import NoOpMeterProvider
@@ -131,12 +133,13 @@ def bare_spans(providers: Providers, in_request: bool) -> Runner:
     tracer = providers.tracer_provider.get_tracer("bench")
 
     async def run(n: int) -> None:
-        request = tracer.start_span("GET /", kind=SpanKind.SERVER) if in_request else trace.INVALID_SPAN
-        token = context.attach(trace.set_span_in_context(request))
+        request = tracer.start_span("GET /", kind=SpanKind.SERVER) if in_request else None
+        token = context.attach(trace.set_span_in_context(request)) if request is not None else None
         for _ in range(n):
             tracer.start_span("x").end()
-        context.detach(token)
-        request.end()
+        if request is not None and token is not None:
+            context.detach(token)
+            request.end()
 
     return run
 
@@ -252,7 +255,7 @@ ARMS: dict[str, Arm] = {
         task_spans=0,
     ),
     "contrib": traced("opentelemetry-instrumentation-fastapi's task span", contrib, task_metrics=False),
-    "native_off": Arm("fastapi.BackgroundTasks, FastAPI telemetry without operation spans", native(False)),
+    "native_off": Arm("fastapi.BackgroundTasks, operation spans off", native(False)),
     "native": traced("FastAPI native fastapi.background_task", native(True), "native_off", task_metrics=False),
     # Where the default's cost goes, and the options it does not use.
     "bgtasks_no_meter": traced("otel_bgtasks, no-op meter", bgtasks(meter=False), task_metrics=False),
@@ -575,35 +578,48 @@ def instructions_mode(args: argparse.Namespace) -> int:
     if args.breakdown:
         jobs.append(("pieces", n * TASKS))
     check_all(names)  # fail fast, before minutes under callgrind
-    out_dir = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_overhead."))
-    out_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    print(f"callgrind: {len(jobs)} processes, {args.jobs} at a time, files in {out_dir}", file=sys.stderr)
-    run_children(jobs, out_dir, args.jobs, args.warmup)
-    counts = {name: counts_of(out_dir / f"{name}.out", 1, runs)[0] for name, runs in jobs if name != "pieces"}
-    per_task = {name: count.per_iteration / ARMS[name].per for name, count in counts.items()}
-    span = per_task["unit"]
+    keep = contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory(prefix="bench_overhead.")
+    with keep as directory:
+        out_dir = Path(directory)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        print(f"callgrind: {len(jobs)} processes, {args.jobs} at a time, files in {out_dir}", file=sys.stderr)
+        run_children(jobs, out_dir, args.jobs, args.warmup)
+        counts = {name: counts_of(out_dir / f"{name}.out", 1, runs)[0] for name, runs in jobs if name != "pieces"}
+        per_task = {name: count.per_iteration / ARMS[name].per for name, count in counts.items()}
+        print(header(f"{n} requests of {TASKS} async tasks per arm ({n * TASKS} bare spans for the unit)"))
+        print_counts(names, counts, per_task)
+        print_calls(names, counts, n)
+        if args.breakdown:
+            print_parts(per_task)
+            print_pieces(per_task["unit"], out_dir, n)
+    print(f"\n{time.monotonic() - started:.0f} s under callgrind", file=sys.stderr)
+    return 0
 
-    print(header(f"{n} requests of {TASKS} async tasks per arm ({n * TASKS} bare spans for the unit)"))
+
+def print_counts(names: Sequence[str], counts: dict[str, Count], per_task: dict[str, float]) -> None:
+    span = per_task["unit"]
     print("Instructions under callgrind, one process per arm: (region of 2n requests - region of n) / n / 5.")
     print("Rows with a sign: extra per task over the arm's baseline, the uninstrumented arm with the same request")
     print("(for FastAPI native: fastapi.BackgroundTasks without operation spans). Other rows: per task as measured.")
     print()
     print(f"{'arm':62} {'instructions/task':>17} {'bare spans/task':>15} {'target':>7} {'drift':>7}")
     for name in names:
-        arm, count = ARMS[name], counts[name]
-        steady = f"{count.drift:+7.2%}"
+        arm = ARMS[name]
+        drift = f"{counts[name].drift:+7.2%}"
         if arm.baseline is None:
-            print(f"{arm.label:62} {per_task[name]:17,.0f} {per_task[name] / span:15.2f} {'':>7} {steady}")
+            print(f"{arm.label:62} {per_task[name]:17,.0f} {per_task[name] / span:15.2f} {'':>7} {drift}")
             continue
         extra = per_task[name] - per_task[arm.baseline]
         target = TARGETS.get(name)
         verdict = "" if target is None else (" ok" if extra / span <= target else " OVER")
         target_text = "" if target is None else f"<= {target}"
-        print(f"{arm.label:62} {extra:+17,.0f} {extra / span:15.2f} {target_text:>7} {steady}{verdict}")
+        print(f"{arm.label:62} {extra:+17,.0f} {extra / span:15.2f} {target_text:>7} {drift}{verdict}")
 
-    # Calls counted in the 2n region: 2n requests of TASKS tasks (2n * TASKS spans for the unit).
-    tasks_in_region = 2 * n * TASKS
+
+def print_calls(names: Sequence[str], counts: dict[str, Count], n: int) -> None:
+    """Allocations and clock reads per task, from the call counts in each arm's 2n region."""
+    tasks_in_region = 2 * n * TASKS  # 2n requests of TASKS tasks (2n * TASKS spans for the unit)
     every_function = [function for functions in C_CALLS.values() for function in functions]
     called: dict[str, dict[str, float]] = {}
     for name, count in counts.items():
@@ -622,11 +638,6 @@ def instructions_mode(args: argparse.Namespace) -> int:
             value = called[name][label] - (called[base][label] if base else 0.0)
             cells.append(f"{value:+18.1f}" if base else f"{value:18.1f}")
         print(f"{ARMS[name].label:62} " + " ".join(cells))
-    if args.breakdown:
-        print_parts(per_task)
-        print_pieces(span, out_dir, n)
-    print(f"\n{time.monotonic() - started:.0f} s under callgrind", file=sys.stderr)
-    return 0
 
 
 def print_parts(per_task: dict[str, float]) -> None:
@@ -655,7 +666,7 @@ def print_pieces(span: float, out_dir: Path, n: int) -> None:
     piece_runners = pieces(make_providers(DropExporter()))
     piece_counts = counts_of(out_dir / "pieces.out", len(piece_runners), n * TASKS)
     child_span = piece_counts[0].per_iteration
-    print("\nSDK calls, each alone, a sampled request span current, in bare spans (the unit, a root span)")
+    print("\nSDK calls, each alone, a sampled request span current, in bare spans")
     print("(rows with +: the call alone, over a child span started and ended):")
     for label, count in zip(piece_runners, piece_counts, strict=True):
         value = count.per_iteration - (child_span if label.startswith("+") else 0)
@@ -679,9 +690,9 @@ def time_mode(args: argparse.Namespace) -> int:
             runs = n * TASKS // arm.per
             await run(args.warmup * TASKS // arm.per)  # first calls fill caches: not what a task costs
             gc.collect()
-            started = time.perf_counter()
+            started = time.process_time()
             await run(runs)
-            samples[name].append((time.perf_counter() - started) / (runs * arm.per))
+            samples[name].append((time.process_time() - started) / (runs * arm.per))
             remove()
 
     for _ in range(rounds):
