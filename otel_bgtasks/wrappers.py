@@ -392,8 +392,7 @@ class TaskWrappers:
             for position, task in enumerate(tasks):
                 started_ns = time_ns()
                 with _guard:
-                    if hasattr(task, "func"):  # not a BackgroundTasks appended to the list itself
-                        state_of(task).index = position
+                    _number(task, position)
                 if not self._options.continue_on_error:
                     await task()
                     continue
@@ -414,8 +413,7 @@ class TaskWrappers:
         cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
         unrun = tasks[position + 1 :]
         for index, task in enumerate(unrun, position + 1):  # numbered as if they had run
-            if hasattr(task, "func"):
-                state_of(task).index = index
+            _number(task, index)
         skipped = self._record_skipped(unrun, cancelled)
         failed = tasks[position] if position < len(tasks) else None
         if failed is None or not hasattr(failed, "func"):
@@ -499,8 +497,7 @@ class TaskWrappers:
         tasks: list[Any] = instance.tasks
         with _guard:
             for position, task in enumerate(tasks):  # as call_tasks numbers them: the failure waits for the skipped
-                if hasattr(task, "func"):
-                    state_of(task).index = position
+                _number(task, position)
         try:
             return await wrapped(*args, **kwargs)
         except BaseException as exc:
@@ -523,6 +520,12 @@ def _overrides_call(cls: type) -> bool:
         if "__call__" in vars(klass):
             return True
     return False
+
+
+def _number(task: Any, index: int) -> None:
+    """``background_task.index`` of a task in its list; a ``BackgroundTasks`` appended to the list itself has none."""
+    if hasattr(task, "func"):
+        state_of(task).index = index
 
 
 def _execution(task: Any) -> str:
