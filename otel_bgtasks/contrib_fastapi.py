@@ -112,6 +112,7 @@ class ContribFastAPICoordinator:
                 self._wrappers.bypass_call = None
                 wrap_function_wrapper(background, "BackgroundTask.__call__", self._wrappers.call_task)
                 self._our_call = vars(background.BackgroundTask)["__call__"]
+                self._wrappers.claim_call(self._our_call)
         if MARKER not in vars(background.BackgroundTask):
             setattr(background.BackgroundTask, MARKER, self._our_call)
 

@@ -182,6 +182,7 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
 
         wrap_function_wrapper(background, "BackgroundTask.__init__", wrappers.init_task)
         wrap_function_wrapper(background, "BackgroundTask.__call__", wrappers.call_task)
+        wrappers.claim_call(vars(background.BackgroundTask)["__call__"])
         wrap_function_wrapper(background, "BackgroundTasks.__call__", wrappers.call_tasks)
         wrap_function_wrapper(background, "run_in_threadpool", wrappers.run_in_threadpool)
         self._contrib.install()

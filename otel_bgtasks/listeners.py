@@ -31,7 +31,7 @@ class TaskListener:
         """``add_task`` was given something that can never run; ``problem`` says what, and the fix."""
 
     def task_blocked(self, run: TaskRun) -> None:
-        """An ``async def`` task held the event loop for ``blocking_threshold`` or more (``run.blocking.max``)."""
+        """An ``async def`` task held the event loop for ``blocking_threshold`` or more (``run.blocking_max``)."""
 
 
 _lock = threading.Lock()

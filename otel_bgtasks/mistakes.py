@@ -46,8 +46,8 @@ def discard(func: object) -> None:
         func.close()
 
 
-def creation_site() -> str:
-    """``file:line`` of the user's code that is creating a task (first frame outside the frameworks)."""
+def creation_site() -> tuple[str, int]:
+    """(file, line) of the user's code that is creating a task (first frame outside the frameworks)."""
     frame = sys._getframe(1)  # pyright: ignore[reportPrivateUsage]
     while frame.f_back is not None:
         known = _framework_code.get(frame.f_code)  # inlined: a call per frame costs more than the lookup
@@ -56,7 +56,7 @@ def creation_site() -> str:
         if not known:
             break
         frame = frame.f_back
-    return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+    return frame.f_code.co_filename, frame.f_lineno
 
 
 # Per code object, whether it is the frameworks': every task walks the same few frames, so the module

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import CodeType, FrameType, MethodType, ModuleType
 from typing import Any
 
@@ -32,6 +32,14 @@ class FunctionNames:
     function_name: str
     attributes: dict[str, AttributeValue]
     timeout: float | object | None = NOT_SET  # from @task_options; NOT_SET: use instrument()'s
+    # What every task of this function repeats, made once: its span's attributes known before it runs, per
+    # background_task.execution, and its metric attributes per (execution, outcome, error.type).
+    start_attributes: dict[str, dict[str, AttributeValue]] = field(
+        default_factory=lambda: {}, compare=False, repr=False
+    )
+    metric_attributes: dict[tuple[str, str, str | None], dict[str, AttributeValue]] = field(
+        default_factory=lambda: {}, compare=False, repr=False
+    )
 
     def timeout_or(self, default: float | None) -> float | None:
         """This function's own timeout if it has one, else ``default``."""
@@ -93,7 +101,13 @@ def _names_from(qualname: str | None, module: str | None, code: CodeType | None,
     if code is not None:
         attributes[semconv.CODE_FILE_PATH] = code.co_filename
         attributes[semconv.CODE_LINE_NUMBER] = code.co_firstlineno
-    return FunctionNames(f"{semconv.SPAN_NAME_PREFIX} {qualname}", qualname, function_name, attributes, timeout)
+    start_attributes = {
+        execution: {**attributes, semconv.EXECUTION: execution}
+        for execution in (semconv.EXECUTION_ASYNC, semconv.EXECUTION_THREADPOOL)
+    }
+    return FunctionNames(
+        f"{semconv.SPAN_NAME_PREFIX} {qualname}", qualname, function_name, attributes, timeout, start_attributes
+    )
 
 
 def _string(value: object) -> str | None:

@@ -33,7 +33,9 @@ NO_REQUEST_SPAN = (
 )
 
 _lock = threading.Lock()
-_pending = False  # set by arm() at each instrument(), cleared by the first task that starts
+# Set by arm() at each instrument(), cleared by the first task that starts; read by the hot path, which calls
+# check_first_task() only while it is set.
+pending = False
 _tracer_provider_given = False
 
 
@@ -45,21 +47,21 @@ def arm(tracer_provider_given: bool, spans_wanted: bool = True) -> None:
             default or not, is not ours to judge.
         spans_wanted: ``False`` when the provider given is a no-op one: spans going nowhere is the point.
     """
-    global _pending, _tracer_provider_given
+    global pending, _tracer_provider_given
     with _lock:
-        _pending = spans_wanted
+        pending = spans_wanted
         _tracer_provider_given = tracer_provider_given
 
 
 def check_first_task(creating: Context, task_name: str) -> None:
     """At the first task since ``instrument()``: warn if no SDK is set up, or else if no span created the task."""
-    global _pending
-    if not _pending:
+    global pending
+    if not pending:
         return
     with _lock:
-        if not _pending:
+        if not pending:
             return
-        _pending = False
+        pending = False
     if not _tracer_provider_given and isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
         _logger.warning(NO_SDK)  # no request span either, then: this is the cause
     elif not trace.get_current_span(creating).get_span_context().is_valid:

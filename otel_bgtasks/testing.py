@@ -227,7 +227,7 @@ class TaskRecorder(TaskListener):
             error=run.error,
             queue_duration=run.queue_duration,
             threadpool_wait=run.threadpool_wait,
-            blocking=None if run.blocking is None else run.blocking.max,
+            blocking=run.blocking_max,
             diagnosis=None if diagnosis is None else diagnosis.value,
             hint=None if diagnosis is None else diagnosis.hint,
             left_unrun=tuple(run.skipped),

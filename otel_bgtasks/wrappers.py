@@ -10,8 +10,10 @@ listeners (listeners.py) and logged; this module knows nothing of who listens.
 from __future__ import annotations
 
 import logging
+import sys
 import traceback
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+import types
+from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator
 from functools import partial
 from time import perf_counter, time_ns
 from typing import Any, Final
@@ -22,27 +24,30 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
+from starlette import background as _background
 
-from otel_bgtasks import listeners, semconv
+from otel_bgtasks import listeners, semconv, setup_checks
 from otel_bgtasks.arguments import ArgumentCapture
-from otel_bgtasks.blocking import BlockingTimer
 from otel_bgtasks.config import Options
 from otel_bgtasks.diagnosis import diagnose, handed_over_session, misuse, warn_handed_over_session
 from otel_bgtasks.guard import capture_internal_exceptions, internal_error
 from otel_bgtasks.metrics import TaskMetrics
 from otel_bgtasks.mistakes import BLOCKING, creation_site, discard, invalid_task_problem, report_dropped
-from otel_bgtasks.naming import describe, error_type, safe_str
+from otel_bgtasks.naming import FunctionNames, describe, error_type, safe_str
 from otel_bgtasks.setup_checks import check_first_task
-from otel_bgtasks.task_state import STATE_ATTRIBUTE, TaskRun, TaskState, state_of
+from otel_bgtasks.task_state import STATE_ATTRIBUTE, TaskRun, TaskState, ThreadTimings, state_of
 from otel_bgtasks.version import __version__
 
 _logger = logging.getLogger("otel_bgtasks")
-# The guard, taken once: ``with _guard:`` costs two calls where ``with _guard:`` costs three.
+# Off the hot path, ``with _guard:``; on it, ``try``/``except Exception`` around internal_error(), which costs
+# nothing until something fails.
 _guard = capture_internal_exceptions()
 
-# The running task, carried in the OpenTelemetry context we attach anyway, so the thread-pool hand-off
-# can find it without a context variable of its own.
-_RUN_KEY: Final = otel_context.create_key("otel_bgtasks.run")
+_BackgroundTask = _background.BackgroundTask
+
+# A sync task's thread-pool timings, carried in the OpenTelemetry context we attach anyway, for the
+# run_in_threadpool() wrapper to find when something else wraps Starlette's __call__ inside ours.
+_TIMINGS_KEY: Final = otel_context.create_key("otel_bgtasks.thread_timings")
 
 _Wrapped = Callable[..., Awaitable[Any]]
 
@@ -66,9 +71,11 @@ class TaskWrappers:
         self._arguments = arguments  # None unless the user opted in with capture_args=True
         self._link_mode = options.mode == "link"
         # opentelemetry-instrumentation-fastapi, when it patched BackgroundTask.__call__ before us, would
-        # open a second, bare span inside ours: call the original it wraps instead (see contrib_fastapi.py).
+        # open a second, bare span inside ours: the original it kept, Starlette's, is what we run instead
+        # (see contrib_fastapi.py and claim_call()).
         self.bypass_call: _Wrapped | None = None
-        self._duration_attributes: dict[tuple[str, str, str, str | None], dict[str, AttributeValue]] = {}
+        self._installed_call: object = None  # our BackgroundTask.__call__ wrapper: see claim_call()
+        self._wraps_starlette = False
         self._warned_blocking: set[str] = set()
         # Set by uninstrument(): a task created before and run after it was never seen to start.
         self.retired = False
@@ -95,43 +102,51 @@ class TaskWrappers:
         """``BackgroundTask.__init__``: remember the creating context, and say so on the creating span."""
         wrapped(*args, **kwargs)
         problem = None
-        with _guard:
-            problem = self._remember_creation(instance)
+        try:
+            func = instance.func
+            state = TaskState(
+                otel_context.get_current(),
+                time_ns(),
+                describe(func),
+                creation_site(),
+                None if _overrides_call(type(instance)) else self,  # pyright: ignore[reportUnknownArgumentType]  # a subclass's own __call__ may run it unseen
+            )
+            setattr(instance, STATE_ATTRIBUTE, state)
+            if not callable(func):  # a coroutine object is not callable either
+                problem = self._invalid(state, func)
+            else:
+                for listener in listeners.active:
+                    try:
+                        listener.task_created(state)
+                    except Exception as exc:
+                        internal_error(exc)
+                if self._link_mode:
+                    _leave_trail(trace.get_current_span(state.context), state.names.function_name)
+        except Exception as exc:
+            internal_error(exc)
         if problem is not None and self._options.strict:
             raise TypeError(problem)
 
-    def _remember_creation(self, task: Any) -> str | None:
-        current = otel_context.get_current()
-        func = task.func
-        state = TaskState(current, time_ns(), describe(func))
-        state.site = creation_site()
-        if not _overrides_call(type(task)):  # pyright: ignore[reportUnknownArgumentType]  # a subclass's own __call__ may run it without us seeing
-            state.on_drop = self._dropped
-        setattr(task, STATE_ATTRIBUTE, state)
-        creator = trace.get_current_span(current)
+    def _invalid(self, state: TaskState, func: object) -> str | None:
+        """A task that can never run: say so now, in the log and on the creating span."""
         problem = invalid_task_problem(func)
-        if problem is not None:
-            discard(func)
-            state.settled = True  # already reported, and it could never run
-            state.problem = problem
-            if not self._options.strict:
-                _logger.error("%s (at %s)", problem, state.site)
-            for listener in listeners.active:
-                with _guard:
-                    listener.task_invalid(state, problem)
-            if creator.is_recording():
-                creator.add_event(semconv.EVENT_INVALID, {semconv.PROBLEM: problem})
-            return problem
+        if problem is None:
+            return None
+        discard(func)
+        state.settled = True  # reported now, and it could never run
+        state.problem = problem
+        if not self._options.strict:
+            _logger.error("%s (at %s)", problem, state.site)
         for listener in listeners.active:
             with _guard:
-                listener.task_created(state)
-        if self._link_mode and creator.is_recording():
-            # The task's span will be in another trace: leave a trail in this one. (In child mode the
-            # task span's parent and queue delay already say who queued it and when.)
-            creator.add_event(semconv.EVENT_ENQUEUED, {semconv.CODE_FUNCTION_NAME: state.names.function_name})
-        return None
+                listener.task_invalid(state, problem)
+        creator = trace.get_current_span(state.context)
+        if creator.is_recording():
+            creator.add_event(semconv.EVENT_INVALID, {semconv.PROBLEM: problem})
+        return problem
 
-    def _dropped(self, state: TaskState) -> None:
+    def task_dropped(self, state: TaskState) -> None:
+        """A task this instrumentation saw made was garbage-collected without running (TaskState.__del__)."""
         if self.retired:
             return
         execution = semconv.EXECUTION_THREADPOOL  # unknown for a task never run; sync is Starlette's default
@@ -143,77 +158,210 @@ class TaskWrappers:
 
     # -- execution --------------------------------------------------------------------------------
 
+    def claim_call(self, installed: object) -> None:
+        """Note our ``BackgroundTask.__call__`` wrapper, just installed, and whether it wraps Starlette's own.
+
+        Then, for a plain ``BackgroundTask``, running Starlette's two lines ourselves is the same as calling
+        through the wrapper, one coroutine and one wrapper layer shorter: :meth:`call_tasks` does so while
+        the wrapper is still the one in place.
+        """
+        self._installed_call = installed
+        inner = getattr(installed, "__wrapped__", None)
+        self._wraps_starlette = self.bypass_call is not None or (
+            getattr(inner, "__module__", None) == "starlette.background"
+            and getattr(inner, "__qualname__", None) == "BackgroundTask.__call__"
+        )
+
+    def _runs_directly(self) -> bool:
+        """Whether :meth:`_run` may run a plain ``BackgroundTask`` itself (nobody patched ``__call__`` over us)."""
+        return self._wraps_starlette and vars(_BackgroundTask).get("__call__") is self._installed_call
+
     async def call_task(self, wrapped: _Wrapped, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """``BackgroundTask.__call__``: run the task inside its span."""
-        call = wrapped if self.bypass_call is None else partial(self.bypass_call, instance)
-        run = None
-        with _guard:
-            run = self._start(instance)
-        if run is None:
-            return await call(*args, **kwargs)
         try:
-            awaitable: Awaitable[Any] = call(*args, **kwargs)
-            if run.execution is semconv.EXECUTION_ASYNC and self._options.blocking_threshold is not None:
-                awaitable = run.blocking = BlockingTimer(awaitable)  # pyright: ignore[reportArgumentType]
-            if run.timeout is not None and run.execution is semconv.EXECUTION_ASYNC:
-                with anyio.fail_after(run.timeout) as run.scope:
-                    result = await awaitable
+            state = state_of(instance)
+        except Exception as exc:
+            internal_error(exc)
+            return await wrapped(*args, **kwargs)
+        if self._wraps_starlette:
+            return await self._run(instance, state, None)
+        return await self._run(instance, state, partial(wrapped, *args, **kwargs))
+
+    @types.coroutine
+    def _run(self, task: Any, state: TaskState, call: Callable[[], Awaitable[Any]] | None) -> Generator[Any, Any, Any]:
+        """Run one task in its span, from start to end: everything a task costs is in this frame.
+
+        A generator-based coroutine, so that it can also time each step of an ``async def`` task (the
+        longest is how long the task held the event loop) without a layer of its own. ``call`` runs the
+        task where something else wraps Starlette's ``__call__`` inside ours; ``None``: Starlette's two
+        lines run here, and a sync task's trip through the thread pool is timed by :func:`_hand_off`.
+        """
+        start_ns = time_ns()
+        options = self._options
+        is_async: bool = task.is_async
+        execution = semconv.EXECUTION_ASYNC if is_async else semconv.EXECUTION_THREADPOOL
+        queue_duration = None if state.enqueued_ns is None else (start_ns - state.enqueued_ns) / 1e9
+        state.settled = state.ran = True
+        span = None
+        try:
+            if setup_checks.pending:
+                check_first_task(state.context, state.names.function_name)
+            span = self._open_span(state, execution, start_ns, queue_duration)
+        except Exception as exc:
+            internal_error(exc)
+        if span is None:  # no span, nothing to end: the task runs as if uninstrumented
+            unseen: Generator[Any, Any, Any] = _awaitable(task, call, None).__await__()
+            return (yield from unseen)
+        # From here on the span exists: whatever fails, it is ended. The task's context first, so that
+        # nothing below can leave the task running outside its span.
+        token = timings = timeout = None
+        try:
+            context = trace.set_span_in_context(span, state.context)
+            if not is_async:
+                timings = ThreadTimings()
+                if call is not None:  # the hand-off happens beyond our reach: run_in_threadpool() finds them here
+                    context = otel_context.set_value(_TIMINGS_KEY, timings, context)
+            token = otel_context.attach(context)
+        except Exception as exc:
+            internal_error(exc)
+        try:
+            timeout = state.names.timeout_or(options.timeout)
+            self._started(task, state, span, execution, queue_duration)
+        except Exception as exc:
+            internal_error(exc)
+        result: Any = None
+        held = [0.0] if is_async and options.blocking_threshold is not None else None  # its longest step
+        scope = None
+        try:
+            awaitable = _awaitable(task, call, timings)
+            steps: Generator[Any, Any, Any] = awaitable.__await__() if held is None else _timed(awaitable, held)
+            if timeout is not None and is_async:
+                with anyio.fail_after(timeout) as scope:
+                    result = yield from steps
             else:
-                result = await awaitable
+                result = yield from steps
         except BaseException as exc:
+            run = self._ran(task, state, execution, span, start_ns, queue_duration, token, timeout, scope, timings)
+            run.blocking_max = None if held is None else held[0]
             self._end(run, exc)
             self._report_or_park(run, exc)
             raise
+        longest = None if held is None else held[0]
+        threshold = options.blocking_threshold
+        if timeout is None and not listeners.active and (longest is None or threshold is None or longest < threshold):
+            self._succeeded(span, token, start_ns, state.names, execution, longest, timings)
+            return result
+        # Something to judge or to tell: a timeout, a blocked loop, a listener.
+        run = self._ran(task, state, execution, span, start_ns, queue_duration, token, timeout, scope, timings)
+        run.blocking_max = longest
         self._end(run, None)
         self._report(run)
         return result
 
-    def _start(self, task: Any, start_ns: int | None = None) -> TaskRun:
-        state = state_of(task)
-        state.settled = state.ran = True
-        names = state.names
-        execution = _execution(task)
-        start_ns = time_ns() if start_ns is None else start_ns
-        queue_duration = None if state.enqueued_ns is None else (start_ns - state.enqueued_ns) / 1e9
+    def _open_span(self, state: TaskState, execution: str, start_ns: int, queue_duration: float | None) -> Span:
+        """The task's span; for a creator that upstream chose not to sample, its own non-recording context."""
         creating = state.context
-        check_first_task(creating, names.function_name)
         parent = trace.get_current_span(creating)
         parent_context = parent.get_span_context()
         if not self._link_mode and parent_context.is_valid and not parent_context.trace_flags.sampled:
             # Upstream said no: carry its non-recording context rather than ask the sampler again.
-            span = NonRecordingSpan(parent_context) if parent.is_recording() else parent
-        else:
-            # All the start attributes in one dict: samplers see them, and the SDK takes them in one pass.
-            attributes: dict[str, AttributeValue] = {**names.attributes, semconv.EXECUTION: execution}
-            if state.index is not None:
-                attributes[semconv.INDEX] = state.index
-            if queue_duration is not None:
-                attributes[semconv.QUEUE_DURATION] = queue_duration
-            span = self._start_span(names.span_name, creating, attributes, start_ns)
-        run = TaskRun(task, state, execution, span, start_ns)
-        run.queue_duration = queue_duration
-        # From here on the span exists: whatever fails, the run is returned so that the span is ended. The
-        # task's context first, so that nothing below can leave the task running outside its span.
-        with _guard:
-            context = trace.set_span_in_context(span, creating)
-            if execution is semconv.EXECUTION_THREADPOOL:  # only the thread-pool hand-off looks for the run
-                context = otel_context.set_value(_RUN_KEY, run, context)
-            run.token = otel_context.attach(context)
-        with _guard:
-            run.timeout = names.timeout_or(self._options.timeout)
-            self._metrics.started(names.function_name, execution)
-            if queue_duration is not None and self._options.queue_duration_metric:
-                self._metrics.queue_duration.record(queue_duration, self._attributes(run, None, None))
-            handed_over = handed_over_session(task.args, task.kwargs)  # cause 5, seen before it fails
+            return NonRecordingSpan(parent_context) if parent.is_recording() else parent
+        names = state.names
+        # All the start attributes in one dict: samplers see them, and the SDK takes them in one pass.
+        attributes = {**names.start_attributes[execution]}
+        if state.index is not None:
+            attributes[semconv.INDEX] = state.index
+        if queue_duration is not None:
+            attributes[semconv.QUEUE_DURATION] = queue_duration
+        return self._start_span(names.span_name, creating, attributes, start_ns)
+
+    def _started(self, task: Any, state: TaskState, span: Span, execution: str, queue_duration: float | None) -> None:
+        """What follows a task's start: its count, and what only some tasks and options need."""
+        names = state.names
+        self._metrics.started(names.function_name, execution)
+        if queue_duration is not None and self._options.queue_duration_metric:
+            self._metrics.queue_duration.record(queue_duration, _metric_attributes(names, execution, None, None))
+        if "sqlalchemy" in sys.modules:  # cause 5, seen before it fails; nothing to look for without SQLAlchemy
+            handed_over = handed_over_session(task.args, task.kwargs)
             if handed_over is not None:
                 warn_handed_over_session(names.function_name, handed_over)
                 span.add_event(semconv.EVENT_SESSION_HANDED_OVER, {semconv.PROBLEM: handed_over})
-            if span.is_recording():
-                if self._link_mode:
-                    _link_back(parent, span)
-                if self._arguments is not None:
-                    args, kwargs = self._arguments.render(task.func, task.args, task.kwargs)
-                    span.set_attributes({semconv.ARGS: args, semconv.KWARGS: kwargs})
+        if (self._link_mode or self._arguments is not None) and span.is_recording():
+            if self._link_mode:
+                _link_back(trace.get_current_span(state.context), span)
+            if self._arguments is not None:
+                args, kwargs = self._arguments.render(task.func, task.args, task.kwargs)
+                span.set_attributes({semconv.ARGS: args, semconv.KWARGS: kwargs})
+
+    def _succeeded(
+        self,
+        span: Span,
+        token: object,
+        start_ns: int,
+        names: FunctionNames,
+        execution: str,
+        longest: float | None,
+        timings: ThreadTimings | None,
+    ) -> None:
+        """End a task that succeeded with nothing to judge or tell: :meth:`_end` for the common case, shorter."""
+        end_ns = time_ns()
+        wait = None if timings is None else timings.wait
+        try:
+            try:
+                if token is not None:
+                    otel_context.detach(token)  # pyright: ignore[reportArgumentType]
+                if span.is_recording():
+                    span.set_attribute(semconv.OUTCOME, semconv.OUTCOME_SUCCESS)
+                    if longest is not None:
+                        span.set_attribute(semconv.BLOCKING_MAX, longest)
+                    if wait is not None:
+                        span.set_attribute(semconv.THREADPOOL_WAIT, wait)
+            finally:
+                span.end(end_ns)
+        except Exception as exc:
+            internal_error(exc)
+        try:
+            task_metrics = self._metrics
+            task_metrics.ended(names.function_name, execution, semconv.OUTCOME_SUCCESS)
+            attributes = _metric_attributes(names, execution, semconv.OUTCOME_SUCCESS, None)
+            task_metrics.duration.record((end_ns - start_ns) / 1e9, attributes)
+            if wait is not None:
+                task_metrics.threadpool_wait.record(wait, _metric_attributes(names, execution, None, None))
+        except Exception as exc:
+            internal_error(exc)
+
+    @staticmethod
+    def _ran(
+        task: Any,
+        state: TaskState,
+        execution: str,
+        span: Span,
+        start_ns: int,
+        queue_duration: float | None,
+        token: object,
+        timeout: float | None,
+        scope: anyio.CancelScope | None,
+        timings: ThreadTimings | None,
+    ) -> TaskRun:
+        run = TaskRun(task, state, execution, span, start_ns)
+        run.queue_duration = queue_duration
+        run.token = token
+        run.timeout = timeout
+        run.scope = scope
+        run.timings = timings
+        return run
+
+    def _start(self, task: Any, start_ns: int) -> TaskRun:
+        """A run for a task we did not see start (a subclass's own ``__call__``), to end right away."""
+        state = state_of(task)
+        state.settled = state.ran = True
+        execution = _execution(task)
+        queue_duration = None if state.enqueued_ns is None else (start_ns - state.enqueued_ns) / 1e9
+        span = self._open_span(state, execution, start_ns, queue_duration)
+        run = TaskRun(task, state, execution, span, start_ns)
+        run.queue_duration = queue_duration
+        with _guard:
+            self._started(task, state, span, execution, queue_duration)
         return run
 
     def _start_span(self, name: str, creating: Context, attributes: dict[str, AttributeValue], start_ns: int) -> Span:
@@ -237,7 +385,7 @@ class TaskWrappers:
             try:
                 if run.token is not None:
                     otel_context.detach(run.token)  # pyright: ignore[reportArgumentType]
-                    run.token = None  # the context holds the run: let both go as soon as the task does
+                    run.token = None
                 run.outcome, run.error = self._classify(run, exc, duration)
                 if run.error is not None:  # causes 1, 2 and 5: a known mistake behind the error
                     run.diagnosis = diagnose(run.error) if run.state.problem is None else misuse(run.state.problem)
@@ -247,7 +395,7 @@ class TaskWrappers:
                 run.span.end(end_ns)
         with _guard:
             self._record_metrics(run, duration)
-            if run.blocking is not None:
+            if run.blocking_max is not None:
                 self._warn_if_blocking(run)
 
     def _report_or_park(self, run: TaskRun, exc: BaseException) -> None:
@@ -269,10 +417,13 @@ class TaskWrappers:
 
     def _record_metrics(self, run: TaskRun, duration: float) -> None:
         task_metrics = self._metrics
-        task_metrics.ended(run.names.function_name, run.execution, run.outcome)
-        task_metrics.duration.record(duration, self._attributes(run, run.outcome, run.error))
-        if run.threadpool_wait is not None:
-            task_metrics.threadpool_wait.record(run.threadpool_wait, self._attributes(run, None, None))
+        names = run.names
+        task_metrics.ended(names.function_name, run.execution, run.outcome)
+        error_name = None if run.error is None else error_type(run.error)
+        task_metrics.duration.record(duration, _metric_attributes(names, run.execution, run.outcome, error_name))
+        wait = run.threadpool_wait
+        if wait is not None:
+            task_metrics.threadpool_wait.record(wait, _metric_attributes(names, run.execution, None, None))
 
     def _classify(self, run: TaskRun, exc: BaseException | None, duration: float) -> tuple[str, BaseException | None]:
         """The outcome, and the error to report (``None`` for success and cancellation)."""
@@ -301,12 +452,13 @@ class TaskWrappers:
         # One set_attribute per value: for the usual two or three, cheaper than building a dict for set_attributes.
         span = run.span
         span.set_attribute(semconv.OUTCOME, run.outcome)
-        if run.blocking is not None:
-            span.set_attribute(semconv.BLOCKING_MAX, run.blocking.max)
+        if run.blocking_max is not None:
+            span.set_attribute(semconv.BLOCKING_MAX, run.blocking_max)
             if self._blocked(run):
-                span.add_event(semconv.EVENT_LOOP_BLOCKED, {semconv.BLOCKING_MAX: run.blocking.max}, end_ns)
-        if run.threadpool_wait is not None:
-            span.set_attribute(semconv.THREADPOOL_WAIT, run.threadpool_wait)
+                span.add_event(semconv.EVENT_LOOP_BLOCKED, {semconv.BLOCKING_MAX: run.blocking_max}, end_ns)
+        wait = run.threadpool_wait
+        if wait is not None:
+            span.set_attribute(semconv.THREADPOOL_WAIT, wait)
         if run.timeout is not None:
             span.set_attribute(semconv.TIMEOUT, run.timeout)
         error = run.error
@@ -321,12 +473,11 @@ class TaskWrappers:
     def _blocked(self, run: TaskRun) -> bool:
         """Whether the task held the event loop for ``blocking_threshold`` or more."""
         threshold = self._options.blocking_threshold
-        return run.blocking is not None and threshold is not None and run.blocking.max >= threshold
+        return run.blocking_max is not None and threshold is not None and run.blocking_max >= threshold
 
     def _warn_if_blocking(self, run: TaskRun) -> None:
         if not self._blocked(run):
             return
-        assert run.blocking is not None
         name = run.names.function_name
         self._metrics.blocked(name, run.execution)
         for listener in listeners.active:
@@ -336,46 +487,20 @@ class TaskWrappers:
             return
         if len(self._warned_blocking) < 4096:
             self._warned_blocking.add(name)
-        _logger.warning(BLOCKING, name, run.blocking.max)
-
-    def _attributes(self, run: TaskRun, outcome: str | None, error: BaseException | None) -> dict[str, AttributeValue]:
-        """Metric attributes, built once per (function, execution, outcome, error type)."""
-        error_name = None if error is None else error_type(error)
-        key = (run.names.function_name, run.execution, outcome or "", error_name)
-        cached = self._duration_attributes.get(key)
-        if cached is not None:
-            return cached
-        attributes: dict[str, AttributeValue] = {
-            semconv.CODE_FUNCTION_NAME: run.names.function_name,
-            semconv.EXECUTION: run.execution,
-        }
-        if outcome is not None:
-            attributes[semconv.OUTCOME] = outcome
-        if error_name is not None:
-            attributes[semconv.ERROR_TYPE] = error_name
-        if len(self._duration_attributes) < 4096:
-            self._duration_attributes[key] = attributes
-        return attributes
+        _logger.warning(BLOCKING, name, run.blocking_max)
 
     # -- the thread-pool hand-off of sync tasks ----------------------------------------------------
 
     @staticmethod
     async def run_in_threadpool(wrapped: _Wrapped, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """``starlette.background.run_in_threadpool``: time the wait for a worker thread, and the run on it."""
-        run: TaskRun | None = otel_context.get_value(_RUN_KEY)  # pyright: ignore[reportAssignmentType]
-        if run is None or not args:
+        """``starlette.background.run_in_threadpool``, reached when something else wraps Starlette's ``__call__``.
+
+        Otherwise :meth:`_run` hands sync tasks to the thread pool itself and nothing is found here.
+        """
+        timings: ThreadTimings | None = otel_context.get_value(_TIMINGS_KEY)  # pyright: ignore[reportAssignmentType]
+        if timings is None or not args:
             return await wrapped(*args, **kwargs)
-        func = args[0]
-
-        def on_worker(*func_args: Any, **func_kwargs: Any) -> Any:
-            run.thread_started = perf_counter()
-            try:
-                return func(*func_args, **func_kwargs)
-            finally:
-                run.thread_finished = perf_counter()
-
-        run.handed_off = perf_counter()
-        return await wrapped(on_worker, *args[1:], **kwargs)
+        return await _timed_hand_off(wrapped, timings, args[0], args[1:], kwargs)
 
     # -- BackgroundTasks: index, skipped tasks, continue_on_error ----------------------------------
 
@@ -387,17 +512,31 @@ class TaskWrappers:
         tasks left unrun get ``skipped`` spans.
         """
         tasks: list[Any] = instance.tasks
+        continue_on_error = self._options.continue_on_error
+        direct = False
+        try:
+            direct = self._runs_directly()
+        except Exception as exc:
+            internal_error(exc)
         position, started_ns = 0, 0
         try:
             for position, task in enumerate(tasks):
                 started_ns = time_ns()
-                with _guard:
-                    _number(task, position)
-                if not self._options.continue_on_error:
-                    await task()
+                state = None
+                try:
+                    state = _number(task, position)
+                except Exception as exc:
+                    internal_error(exc)
+                # A plain BackgroundTask runs here, as Starlette's __call__ would run it; others through theirs.
+                if state is not None and direct and type(task) is _BackgroundTask:
+                    awaitable = self._run(task, state, None)
+                else:
+                    awaitable = task()
+                if not continue_on_error:
+                    await awaitable
                     continue
                 try:
-                    await task()
+                    await awaitable
                 except Exception as exc:  # cancellation, a BaseException, still stops the loop
                     with _guard:
                         run = self._report_unseen_failure(task, exc, started_ns)
@@ -514,6 +653,20 @@ def _tracer(tracer_provider: trace.TracerProvider | None) -> trace.Tracer:
 
 def _overrides_call(cls: type) -> bool:
     """Whether a ``BackgroundTask`` subclass defines its own ``__call__`` (FastAPI's tests have one)."""
+    if cls is _BackgroundTask:
+        return False
+    known = _call_overridden.get(cls)
+    if known is None:
+        known = _find_own_call(cls)
+        if len(_call_overridden) < 1024:
+            _call_overridden[cls] = known
+    return known
+
+
+_call_overridden: dict[type, bool] = {}
+
+
+def _find_own_call(cls: type) -> bool:
     for klass in cls.__mro__:
         if klass.__name__ == "BackgroundTask" and klass.__module__ == "starlette.background":
             return False
@@ -522,14 +675,113 @@ def _overrides_call(cls: type) -> bool:
     return False
 
 
-def _number(task: Any, index: int) -> None:
+def _number(task: Any, index: int) -> TaskState | None:
     """``background_task.index`` of a task in its list; a ``BackgroundTasks`` appended to the list itself has none."""
-    if hasattr(task, "func"):
-        state_of(task).index = index
+    state: TaskState | None = getattr(task, STATE_ATTRIBUTE, None)
+    if state is None:
+        if not hasattr(task, "func"):
+            return None
+        state = state_of(task)
+    state.index = index
+    return state
+
+
+def _awaitable(task: Any, call: Callable[[], Awaitable[Any]] | None, timings: ThreadTimings | None) -> Awaitable[Any]:
+    """What awaiting the task awaits: ``call()``, or Starlette's ``BackgroundTask.__call__`` body."""
+    if call is not None:
+        return call()
+    if task.is_async:
+        return task.func(*task.args, **task.kwargs)
+    run_in_threadpool: _Wrapped = vars(_background)["run_in_threadpool"]  # looked up as Starlette does: patches apply
+    if timings is None:
+        return run_in_threadpool(task.func, *task.args, **task.kwargs)
+    return _timed_hand_off(run_in_threadpool, timings, task.func, task.args, task.kwargs)
+
+
+async def _timed_hand_off(
+    run_in_threadpool: _Wrapped,
+    timings: ThreadTimings,
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """Hand a sync task to the thread pool, timing the wait for a worker and the run on it."""
+
+    def on_worker(*func_args: Any, **func_kwargs: Any) -> Any:
+        timings.started = perf_counter()
+        try:
+            return func(*func_args, **func_kwargs)
+        finally:
+            timings.finished = perf_counter()
+
+    timings.handed_off = perf_counter()
+    return await run_in_threadpool(on_worker, *args, **kwargs)
+
+
+def _timed(awaitable: Awaitable[Any], held: list[float]) -> Generator[Any, Any, Any]:
+    """Drive ``awaitable`` unchanged, keeping in ``held[0]`` its longest step: its longest hold of the event loop.
+
+    Each step (one ``send`` into the coroutine) runs without yielding, so the longest step is the longest
+    freeze this task caused; timing it costs a clock read per await.
+    """
+    # A coroutine is driven as it is (it has send, throw and close); another awaitable through its __await__().
+    steps: Generator[Any, Any, Any] | types.CoroutineType[Any, Any, Any] = (  # pyright: ignore[reportUnknownVariableType]
+        awaitable if isinstance(awaitable, types.CoroutineType) else awaitable.__await__()
+    )
+    value: Any = None
+    error: BaseException | None = None
+    while True:
+        started = perf_counter()
+        try:
+            yielded = steps.send(value) if error is None else steps.throw(error)
+        except StopIteration as stop:
+            held[0] = max(held[0], perf_counter() - started)
+            return stop.value
+        except BaseException:
+            held[0] = max(held[0], perf_counter() - started)
+            raise
+        held[0] = max(held[0], perf_counter() - started)
+        try:
+            value, error = (yield yielded), None
+        except GeneratorExit:
+            steps.close()
+            raise
+        except BaseException as exc:  # cancellation and throw() go into the task, as with a plain await
+            value, error = None, exc
+
+
+def _metric_attributes(
+    names: FunctionNames, execution: str, outcome: str | None, error_name: str | None
+) -> dict[str, AttributeValue]:
+    """Metric attributes, built once per function and (execution, outcome, error type)."""
+    key = (execution, outcome or "", error_name)
+    cached = names.metric_attributes.get(key)
+    if cached is not None:
+        return cached
+    attributes: dict[str, AttributeValue] = {
+        semconv.CODE_FUNCTION_NAME: names.function_name,
+        semconv.EXECUTION: execution,
+    }
+    if outcome is not None:
+        attributes[semconv.OUTCOME] = outcome
+    if error_name is not None:
+        attributes[semconv.ERROR_TYPE] = error_name
+    if len(names.metric_attributes) < 64:  # error types are many only for a task that fails in many ways
+        names.metric_attributes[key] = attributes
+    return attributes
 
 
 def _execution(task: Any) -> str:
     return semconv.EXECUTION_ASYNC if task.is_async else semconv.EXECUTION_THREADPOOL
+
+
+def _leave_trail(creator: Span, function_name: str) -> None:
+    """In link mode the task's span is in another trace: leave a trail in this one.
+
+    (In child mode the task span's parent and queue delay already say who queued it and when.)
+    """
+    if creator.is_recording():
+        creator.add_event(semconv.EVENT_ENQUEUED, {semconv.CODE_FUNCTION_NAME: function_name})
 
 
 def _link_to(creating: Context) -> list[Link] | None:
