@@ -8,12 +8,17 @@ the task.
 from __future__ import annotations
 
 import threading
+from typing import ClassVar
 
 from otel_bgtasks.task_state import TaskRun, TaskState
 
 
 class TaskListener:
     """Override what you need; every method is called on the thread that ran or dropped the task."""
+
+    # False: task_ended() is called only for runs with something to report (an error, a timeout, a
+    # cancellation, a blocked loop), and a task that simply succeeds costs the listener nothing.
+    every_end: ClassVar[bool] = True
 
     def task_created(self, state: TaskState) -> None:
         """A task that can run was created (``add_task``, ``BackgroundTask(...)``); its fate is told later."""
@@ -37,18 +42,22 @@ class TaskListener:
 _lock = threading.Lock()
 # Read on every task without the lock: replaced whole, never mutated, so a reader sees one version.
 active: tuple[TaskListener, ...] = ()
+# Those of them that are told of every run, successes included.
+every_end: tuple[TaskListener, ...] = ()
 
 
 def add_listener(listener: TaskListener) -> None:
     """Start telling ``listener`` about tasks (once, however often it is added)."""
-    global active
+    global active, every_end
     with _lock:
         if listener not in active:
             active = (*active, listener)
+            every_end = tuple(item for item in active if item.every_end)
 
 
 def remove_listener(listener: TaskListener) -> None:
     """Stop telling ``listener``; removing one that was never added does nothing."""
-    global active
+    global active, every_end
     with _lock:
         active = tuple(item for item in active if item is not listener)
+        every_end = tuple(item for item in active if item.every_end)

@@ -42,6 +42,8 @@ def sentry_installed() -> bool:
 class SentryForwarder(TaskListener):
     """Sends each failed task to the Sentry client the application initialised, as one event."""
 
+    every_end = False  # failures only
+
     def __init__(self, sentry: bool | Literal["auto"], arguments: ArgumentCapture | None) -> None:
         if sentry is True and not sentry_installed():
             raise ImportError(

@@ -248,7 +248,8 @@ class TaskWrappers:
             raise
         longest = None if held is None else held[0]
         threshold = options.blocking_threshold
-        if timeout is None and not listeners.active and (longest is None or threshold is None or longest < threshold):
+        blocked = longest is not None and threshold is not None and longest >= threshold
+        if timeout is None and not blocked and not listeners.every_end:
             self._succeeded(span, token, start_ns, state.names, execution, longest, timings)
             return result
         # Something to judge or to tell: a timeout, a blocked loop, a listener.
