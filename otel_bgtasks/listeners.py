@@ -42,22 +42,26 @@ class TaskListener:
 _lock = threading.Lock()
 # Read on every task without the lock: replaced whole, never mutated, so a reader sees one version.
 active: tuple[TaskListener, ...] = ()
-# Those of them that are told of every run, successes included.
+# Those of them that are told of every run, successes included; those that want to hear of each creation.
 every_end: tuple[TaskListener, ...] = ()
+on_create: tuple[TaskListener, ...] = ()
 
 
 def add_listener(listener: TaskListener) -> None:
     """Start telling ``listener`` about tasks (once, however often it is added)."""
-    global active, every_end
     with _lock:
         if listener not in active:
-            active = (*active, listener)
-            every_end = tuple(item for item in active if item.every_end)
+            _set_active((*active, listener))
 
 
 def remove_listener(listener: TaskListener) -> None:
     """Stop telling ``listener``; removing one that was never added does nothing."""
-    global active, every_end
     with _lock:
-        active = tuple(item for item in active if item is not listener)
-        every_end = tuple(item for item in active if item.every_end)
+        _set_active(tuple(item for item in active if item is not listener))
+
+
+def _set_active(listeners: tuple[TaskListener, ...]) -> None:
+    global active, every_end, on_create
+    active = listeners
+    every_end = tuple(item for item in listeners if item.every_end)
+    on_create = tuple(item for item in listeners if type(item).task_created is not TaskListener.task_created)

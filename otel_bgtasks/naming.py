@@ -13,7 +13,7 @@ import functools
 import inspect
 import sys
 from dataclasses import dataclass, field
-from types import CodeType, FrameType, MethodType, ModuleType
+from types import CodeType, FrameType, FunctionType, MethodType, ModuleType
 from typing import Any
 
 from opentelemetry.util.types import AttributeValue
@@ -31,7 +31,8 @@ class FunctionNames:
     qualname: str
     function_name: str
     attributes: dict[str, AttributeValue]
-    timeout: float | object | None = NOT_SET  # from @task_options; NOT_SET: use instrument()'s
+    timeout: float | None = None  # from @task_options, if timeout_declared; else instrument()'s applies
+    timeout_declared: bool = False
     # What every task of this function repeats, made once: its span's attributes known before it runs, per
     # background_task.execution, and its metric attributes per (execution, outcome, error.type).
     start_attributes: dict[str, dict[str, AttributeValue]] = field(
@@ -41,14 +42,10 @@ class FunctionNames:
         default_factory=lambda: {}, compare=False, repr=False
     )
 
-    def timeout_or(self, default: float | None) -> float | None:
-        """This function's own timeout if it has one, else ``default``."""
-        return default if self.timeout is NOT_SET else self.timeout  # pyright: ignore[reportReturnType]
-
 
 def describe(func: Any) -> FunctionNames:
     """Return the names for ``func``, the callable given to ``add_task``/``BackgroundTask``."""
-    return _names.get(_target(func))
+    return _names.get(func if type(func) is FunctionType else _target(func))
 
 
 def _target(func: object) -> object:
@@ -106,7 +103,13 @@ def _names_from(qualname: str | None, module: str | None, code: CodeType | None,
         for execution in (semconv.EXECUTION_ASYNC, semconv.EXECUTION_THREADPOOL)
     }
     return FunctionNames(
-        f"{semconv.SPAN_NAME_PREFIX} {qualname}", qualname, function_name, attributes, timeout, start_attributes
+        f"{semconv.SPAN_NAME_PREFIX} {qualname}",
+        qualname,
+        function_name,
+        attributes,
+        None if timeout is NOT_SET else timeout,  # pyright: ignore[reportArgumentType]  # declared_timeout(): float | None
+        timeout is not NOT_SET,
+        start_attributes,
     )
 
 

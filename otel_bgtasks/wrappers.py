@@ -115,7 +115,7 @@ class TaskWrappers:
             if not callable(func):  # a coroutine object is not callable either
                 problem = self._invalid(state, func)
             else:
-                for listener in listeners.active:
+                for listener in listeners.on_create:
                     try:
                         listener.task_created(state)
                     except Exception as exc:
@@ -202,11 +202,12 @@ class TaskWrappers:
         execution = semconv.EXECUTION_ASYNC if is_async else semconv.EXECUTION_THREADPOOL
         queue_duration = None if state.enqueued_ns is None else (start_ns - state.enqueued_ns) / 1e9
         state.settled = state.ran = True
-        span = None
+        span = parent = None
         try:
             if setup_checks.pending:
                 check_first_task(state.context, state.names.function_name)
-            span = self._open_span(state, execution, start_ns, queue_duration)
+            parent = trace.get_current_span(state.context)
+            span = self._open_span(state, parent, execution, start_ns, queue_duration)
         except Exception as exc:
             internal_error(exc)
         if span is None:  # no span, nothing to end: the task runs as if uninstrumented
@@ -216,7 +217,9 @@ class TaskWrappers:
         # nothing below can leave the task running outside its span.
         token = timings = timeout = None
         try:
-            context = trace.set_span_in_context(span, state.context)
+            context = state.context
+            if span is not parent:  # else the span is upstream's non-recording one, current there already
+                context = trace.set_span_in_context(span, context)
             if not is_async:
                 timings = ThreadTimings()
                 if call is not None:  # the hand-off happens beyond our reach: run_in_threadpool() finds them here
@@ -225,44 +228,78 @@ class TaskWrappers:
         except Exception as exc:
             internal_error(exc)
         try:
-            timeout = state.names.timeout_or(options.timeout)
+            names = state.names
+            timeout = names.timeout if names.timeout_declared else options.timeout
             self._started(task, state, span, execution, queue_duration)
         except Exception as exc:
             internal_error(exc)
+        # Each step of an async def task (one send() into it) runs without yielding: the longest step is
+        # the longest the task held the event loop. Timing it costs a clock read per await.
+        timed = is_async and options.blocking_threshold is not None
+        longest = 0.0
         result: Any = None
-        held = [0.0] if is_async and options.blocking_threshold is not None else None  # its longest step
-        scope = None
+        scopes: list[anyio.CancelScope] = []
         try:
-            awaitable = _awaitable(task, call, timings)
-            steps: Generator[Any, Any, Any] = awaitable.__await__() if held is None else _timed(awaitable, held)
-            if timeout is not None and is_async:
-                with anyio.fail_after(timeout) as scope:
-                    result = yield from steps
+            if call is None and is_async:
+                awaitable = task.func(*task.args, **task.kwargs)
             else:
+                awaitable = _awaitable(task, call, timings)
+            steps: Generator[Any, Any, Any] = _steps(awaitable)
+            if timeout is not None and is_async:
+                # A generator to drive, whatever types.coroutine tells the type checker.
+                steps = _within(timeout, steps, scopes)  # pyright: ignore[reportAssignmentType]
+            if not timed:
                 result = yield from steps
+            else:  # what ``yield from steps`` does, timed
+                value: Any = None
+                error: BaseException | None = None
+                while True:
+                    started = perf_counter()
+                    try:
+                        yielded = steps.send(value) if error is None else steps.throw(error)
+                    except StopIteration as stop:
+                        held = perf_counter() - started
+                        longest = held if held > longest else longest
+                        result = stop.value
+                        break
+                    except BaseException:
+                        held = perf_counter() - started
+                        longest = held if held > longest else longest
+                        raise
+                    held = perf_counter() - started
+                    longest = held if held > longest else longest
+                    try:
+                        value, error = (yield yielded), None
+                    except GeneratorExit:
+                        steps.close()
+                        raise
+                    except BaseException as exc:  # cancellation and throw() go into the task, as with await
+                        value, error = None, exc
         except BaseException as exc:
+            scope = scopes[0] if scopes else None
             run = self._ran(task, state, execution, span, start_ns, queue_duration, token, timeout, scope, timings)
-            run.blocking_max = None if held is None else held[0]
+            run.blocking_max = longest if timed else None
             self._end(run, exc)
             self._report_or_park(run, exc)
             raise
-        longest = None if held is None else held[0]
         threshold = options.blocking_threshold
-        blocked = longest is not None and threshold is not None and longest >= threshold
+        blocked = timed and threshold is not None and longest >= threshold
         if timeout is None and not blocked and not listeners.every_end:
-            self._succeeded(span, token, start_ns, state.names, execution, longest, timings)
+            self._succeeded(span, token, start_ns, state.names, execution, longest if timed else None, timings)
             return result
         # Something to judge or to tell: a timeout, a blocked loop, a listener.
+        scope = scopes[0] if scopes else None
         run = self._ran(task, state, execution, span, start_ns, queue_duration, token, timeout, scope, timings)
-        run.blocking_max = longest
+        run.blocking_max = longest if timed else None
         self._end(run, None)
         self._report(run)
         return result
 
-    def _open_span(self, state: TaskState, execution: str, start_ns: int, queue_duration: float | None) -> Span:
-        """The task's span; for a creator that upstream chose not to sample, its own non-recording context."""
+    def _open_span(
+        self, state: TaskState, parent: Span, execution: str, start_ns: int, queue_duration: float | None
+    ) -> Span:
+        """The task's span; for a creator that upstream chose not to sample, its own non-recording span."""
         creating = state.context
-        parent = trace.get_current_span(creating)
         parent_context = parent.get_span_context()
         if not self._link_mode and parent_context.is_valid and not parent_context.trace_flags.sampled:
             # Upstream said no: carry its non-recording context rather than ask the sampler again.
@@ -274,7 +311,13 @@ class TaskWrappers:
             attributes[semconv.INDEX] = state.index
         if queue_duration is not None:
             attributes[semconv.QUEUE_DURATION] = queue_duration
-        return self._start_span(names.span_name, creating, attributes, start_ns)
+        if self._link_mode:
+            return self._start_span(names.span_name, creating, attributes, start_ns)
+        try:  # _start_span()'s child-mode half, for the hot path
+            return self._tracer.start_span(names.span_name, creating, SpanKind.INTERNAL, attributes, None, start_ns)
+        except Exception as exc:
+            internal_error(exc)
+            return trace.INVALID_SPAN
 
     def _started(self, task: Any, state: TaskState, span: Span, execution: str, queue_duration: float | None) -> None:
         """What follows a task's start: its count, and what only some tasks and options need."""
@@ -358,7 +401,7 @@ class TaskWrappers:
         state.settled = state.ran = True
         execution = _execution(task)
         queue_duration = None if state.enqueued_ns is None else (start_ns - state.enqueued_ns) / 1e9
-        span = self._open_span(state, execution, start_ns, queue_duration)
+        span = self._open_span(state, trace.get_current_span(state.context), execution, start_ns, queue_duration)
         run = TaskRun(task, state, execution, span, start_ns)
         run.queue_duration = queue_duration
         with _guard:
@@ -522,16 +565,19 @@ class TaskWrappers:
         position, started_ns = 0, 0
         try:
             for position, task in enumerate(tasks):
-                started_ns = time_ns()
-                state = None
+                state: TaskState | None = getattr(task, STATE_ATTRIBUTE, None)
                 try:
-                    state = _number(task, position)
+                    if state is None:
+                        state = _number(task, position)  # made before instrument(), or not a task
+                    else:
+                        state.index = position
                 except Exception as exc:
                     internal_error(exc)
                 # A plain BackgroundTask runs here, as Starlette's __call__ would run it; others through theirs.
                 if state is not None and direct and type(task) is _BackgroundTask:
                     awaitable = self._run(task, state, None)
                 else:
+                    started_ns = time_ns()  # for a subclass that fails without reaching our __call__ wrapper
                     awaitable = task()
                 if not continue_on_error:
                     await awaitable
@@ -719,36 +765,22 @@ async def _timed_hand_off(
     return await run_in_threadpool(on_worker, *args, **kwargs)
 
 
-def _timed(awaitable: Awaitable[Any], held: list[float]) -> Generator[Any, Any, Any]:
-    """Drive ``awaitable`` unchanged, keeping in ``held[0]`` its longest step: its longest hold of the event loop.
+def _steps(awaitable: Awaitable[Any]) -> Generator[Any, Any, Any]:
+    """What ``await awaitable`` steps through: a coroutine itself, else its ``__await__()``."""
+    if isinstance(awaitable, types.CoroutineType):
+        # Not a Generator to the type checker; to ``yield from`` and to send/throw/close it is one.
+        return awaitable  # pyright: ignore[reportUnknownVariableType, reportReturnType]
+    return awaitable.__await__()
 
-    Each step (one ``send`` into the coroutine) runs without yielding, so the longest step is the longest
-    freeze this task caused; timing it costs a clock read per await.
-    """
-    # A coroutine is driven as it is (it has send, throw and close); another awaitable through its __await__().
-    steps: Generator[Any, Any, Any] | types.CoroutineType[Any, Any, Any] = (  # pyright: ignore[reportUnknownVariableType]
-        awaitable if isinstance(awaitable, types.CoroutineType) else awaitable.__await__()
-    )
-    value: Any = None
-    error: BaseException | None = None
-    while True:
-        started = perf_counter()
-        try:
-            yielded = steps.send(value) if error is None else steps.throw(error)
-        except StopIteration as stop:
-            held[0] = max(held[0], perf_counter() - started)
-            return stop.value
-        except BaseException:
-            held[0] = max(held[0], perf_counter() - started)
-            raise
-        held[0] = max(held[0], perf_counter() - started)
-        try:
-            value, error = (yield yielded), None
-        except GeneratorExit:
-            steps.close()
-            raise
-        except BaseException as exc:  # cancellation and throw() go into the task, as with a plain await
-            value, error = None, exc
+
+@types.coroutine  # so that it may ``yield from`` a coroutine
+def _within(
+    timeout: float, steps: Generator[Any, Any, Any], scopes: list[anyio.CancelScope]
+) -> Generator[Any, Any, Any]:
+    """``steps`` cancelled after ``timeout`` seconds; the cancel scope goes in ``scopes``, for the outcome."""
+    with anyio.fail_after(timeout) as scope:
+        scopes.append(scope)
+        return (yield from steps)
 
 
 def _metric_attributes(
