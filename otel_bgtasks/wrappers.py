@@ -1,7 +1,9 @@
 """The wrappers around Starlette's ``BackgroundTask`` and ``BackgroundTasks``: the hot path.
 
 Every background task runs through :meth:`TaskWrappers.init_task` (when it is created, in the
-request) and :meth:`TaskWrappers.call_task` (when it runs, after the response). The task's own
+request) and :meth:`TaskWrappers._run` (when it runs, after the response), which ``BackgroundTasks``
+(:meth:`TaskWrappers.call_tasks`) calls directly for a plain ``BackgroundTask`` and the
+``BackgroundTask.__call__`` wrapper (:meth:`TaskWrappers.call_task`) for the others. The task's own
 call, return value and exception pass through untouched; all the telemetry work around it is guarded
 so that a failure here leaves the task running as if uninstrumented. What happened is told to the
 listeners (listeners.py) and logged; this module knows nothing of who listens.
@@ -167,9 +169,11 @@ class TaskWrappers:
         """
         self._installed_call = installed
         inner = getattr(installed, "__wrapped__", None)
+        # Starlette's function itself: another library's wrapt proxy would answer to its names too.
         self._wraps_starlette = self.bypass_call is not None or (
-            getattr(inner, "__module__", None) == "starlette.background"
-            and getattr(inner, "__qualname__", None) == "BackgroundTask.__call__"
+            type(inner) is types.FunctionType
+            and inner.__globals__ is _background.__dict__
+            and inner.__qualname__ == "BackgroundTask.__call__"
         )
 
     def _runs_directly(self) -> bool:
@@ -194,7 +198,7 @@ class TaskWrappers:
         A generator-based coroutine, so that it can also time each step of an ``async def`` task (the
         longest is how long the task held the event loop) without a layer of its own. ``call`` runs the
         task where something else wraps Starlette's ``__call__`` inside ours; ``None``: Starlette's two
-        lines run here, and a sync task's trip through the thread pool is timed by :func:`_hand_off`.
+        lines run here, and a sync task's trip through the thread pool is timed by :func:`_timed_hand_off`.
         """
         start_ns = time_ns()
         options = self._options

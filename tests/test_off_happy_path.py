@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+import wrapt
 from _servers import recording
 from conftest import WITHOUT_NATIVE_TELEMETRY, task_spans
 from fastapi import BackgroundTasks, FastAPI
@@ -266,3 +267,52 @@ async def test_argument_whose_rendering_fails_keeps_the_span(
     (span,) = task_spans(exporter)
     assert span.end_time is not None and span.attributes is not None
     assert span.attributes["background_task.outcome"] == "success"
+
+
+# -- Another library's wrapper around BackgroundTask.__call__ -----------------------------------------
+
+
+@pytest.mark.parametrize("order", ["theirs_first", "ours_first"])
+async def test_another_librarys_call_wrapper_still_runs_once_per_task(
+    tracer_provider: TracerProvider, exporter: InMemorySpanExporter, order: str
+) -> None:
+    """otel_bgtasks runs a plain task's two Starlette lines itself only while nothing else wraps ``__call__``.
+
+    Under ours (patched first) or over it, another library's wrapper sees every task once, and ours still
+    times a ``def`` task's wait for the thread pool.
+    """
+    seen: list[str] = []
+
+    def theirs(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        seen.append(instance.func.__name__)
+        return wrapped(*args, **kwargs)
+
+    def queue(background_tasks: BackgroundTasks) -> None:
+        background_tasks.add_task(send_receipt)
+        background_tasks.add_task(resize_avatar)
+
+    async def send_receipt() -> None:
+        pass
+
+    def resize_avatar() -> None:
+        pass
+
+    original = vars(BackgroundTask)["__call__"]
+    try:
+        if order == "theirs_first":
+            wrapt.wrap_function_wrapper(BackgroundTask, "__call__", theirs)
+        app = otel_bgtasks.instrument(app_queueing(queue), tracer_provider=tracer_provider)
+        if order == "ours_first":
+            wrapt.wrap_function_wrapper(BackgroundTask, "__call__", theirs)
+        with recording("otel_bgtasks") as ours:
+            assert (await get(app)).json() == {"ok": True}
+    finally:
+        otel_bgtasks.uninstrument()
+        BackgroundTask.__call__ = original  # type: ignore[method-assign]
+
+    assert seen == ["send_receipt", "resize_avatar"]
+    spans = by_function(task_spans(exporter))
+    assert set(spans) == {"send_receipt", "resize_avatar"}
+    assert spans["resize_avatar"]["background_task.threadpool.wait"] >= 0
+    assert spans["send_receipt"]["background_task.outcome"] == "success"
+    assert [r.getMessage() for r in ours.records if r.levelno >= logging.WARNING] == []
