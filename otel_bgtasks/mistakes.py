@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-import sys
-from types import CodeType
+from types import CodeType, FrameType
 from typing import Any, Final
 
 _logger = logging.getLogger("otel_bgtasks")
@@ -46,17 +45,23 @@ def discard(func: object) -> None:
         func.close()
 
 
-def creation_site() -> tuple[str, int]:
-    """(file, line) of the user's code that is creating a task (first frame outside the frameworks)."""
-    frame = sys._getframe(1)  # pyright: ignore[reportPrivateUsage]
-    while frame.f_back is not None:
-        known = _framework_code.get(frame.f_code)  # inlined: a call per frame costs more than the lookup
+def creation_site(frame: FrameType) -> tuple[str, int]:
+    """(file, line) of the user's code that is creating a task: ``frame`` or the first caller outside the frameworks.
+
+    ``frame`` is the caller of otel_bgtasks' ``__init__`` wrapper, taken with ``sys._getframe(1)``: walking
+    from there, rather than from this function's own frame, makes one frame object fewer per task.
+    """
+    while True:
+        code = frame.f_code
+        known = _framework_code.get(code)  # inlined: a call per frame costs more than the lookup
         if known is None:
-            known = _is_framework(frame.f_code, frame.f_globals)
+            known = _is_framework(code, frame.f_globals)
         if not known:
-            break
-        frame = frame.f_back
-    return frame.f_code.co_filename, frame.f_lineno
+            return code.co_filename, frame.f_lineno
+        back = frame.f_back  # asked for only when needed: each frame object made is an allocation
+        if back is None:
+            return code.co_filename, frame.f_lineno
+        frame = back
 
 
 # Per code object, whether it is the frameworks': every task walks the same few frames, so the module

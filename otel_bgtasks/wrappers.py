@@ -110,7 +110,7 @@ class TaskWrappers:
                 otel_context.get_current(),
                 time_ns(),
                 describe(func),
-                creation_site(),
+                creation_site(sys._getframe(1)),  # pyright: ignore[reportPrivateUsage]
                 None if _overrides_call(type(instance)) else self,  # pyright: ignore[reportUnknownArgumentType]  # a subclass's own __call__ may run it unseen
             )
             setattr(instance, STATE_ATTRIBUTE, state)
@@ -289,7 +289,8 @@ class TaskWrappers:
         threshold = options.blocking_threshold
         blocked = timed and threshold is not None and longest >= threshold
         if timeout is None and not blocked and not listeners.every_end:
-            self._succeeded(span, token, start_ns, state.names, execution, longest if timed else None, timings)
+            owned = span is not parent
+            self._succeeded(span, owned, token, start_ns, state.names, execution, longest if timed else None, timings)
             return result
         # Something to judge or to tell: a timeout, a blocked loop, a listener.
         scope = scopes[0] if scopes else None
@@ -344,6 +345,7 @@ class TaskWrappers:
     def _succeeded(
         self,
         span: Span,
+        owned: bool,
         token: object,
         start_ns: int,
         names: FunctionNames,
@@ -351,27 +353,32 @@ class TaskWrappers:
         longest: float | None,
         timings: ThreadTimings | None,
     ) -> None:
-        """End a task that succeeded with nothing to judge or tell: :meth:`_end` for the common case, shorter."""
+        """End a task that succeeded with nothing to judge or tell: :meth:`_end` for the common case, shorter.
+
+        ``owned``: the span is the task's own, not upstream's non-recording one (nothing to annotate or end).
+        ``longest``: its longest hold of the event loop, if it was timed.
+        """
         end_ns = time_ns()
         wait = None if timings is None else timings.wait
         try:
             try:
                 if token is not None:
                     otel_context.detach(token)  # pyright: ignore[reportArgumentType]
-                if span.is_recording():
+                if owned and span.is_recording():
                     span.set_attribute(semconv.OUTCOME, semconv.OUTCOME_SUCCESS)
                     if longest is not None:
                         span.set_attribute(semconv.BLOCKING_MAX, longest)
                     if wait is not None:
                         span.set_attribute(semconv.THREADPOOL_WAIT, wait)
             finally:
-                span.end(end_ns)
+                if owned:
+                    span.end(end_ns)
         except Exception as exc:
             internal_error(exc)
         try:
             task_metrics = self._metrics
             task_metrics.ended(names.function_name, execution, semconv.OUTCOME_SUCCESS)
-            attributes = _metric_attributes(names, execution, semconv.OUTCOME_SUCCESS, None)
+            attributes = names.success_attributes[execution]
             task_metrics.duration.record((end_ns - start_ns) / 1e9, attributes)
             if wait is not None:
                 task_metrics.threadpool_wait.record(wait, _metric_attributes(names, execution, None, None))
