@@ -111,7 +111,8 @@ class TaskWrappers:
                 time_ns(),
                 describe(func),
                 creation_site(sys._getframe(1)),  # pyright: ignore[reportPrivateUsage]
-                None if _overrides_call(type(instance)) else self,  # pyright: ignore[reportUnknownArgumentType]  # a subclass's own __call__ may run it unseen
+                # Who to tell if it is dropped; nobody for a subclass whose own __call__ may run it unseen.
+                None if _overrides_call(type(instance)) else self,  # pyright: ignore[reportUnknownArgumentType]
             )
             setattr(instance, STATE_ATTRIBUTE, state)
             if not callable(func):  # a coroutine object is not callable either
@@ -193,7 +194,7 @@ class TaskWrappers:
 
     @types.coroutine
     def _run(self, task: Any, state: TaskState, call: Callable[[], Awaitable[Any]] | None) -> Generator[Any, Any, Any]:
-        """Run one task in its span, from start to end: everything a task costs is in this frame.
+        """Run one task in its span, from start to end, in one frame: the hot path.
 
         A generator-based coroutine, so that it can also time each step of an ``async def`` task (the
         longest is how long the task held the event loop) without a layer of its own. ``call`` runs the
