@@ -217,7 +217,8 @@ class TaskWrappers:
             internal_error(exc)
         if span is None:  # no span, nothing to end: the task runs as if uninstrumented
             unseen: Generator[Any, Any, Any] = _awaitable(task, call, None).__await__()
-            return (yield from unseen)
+            returned = yield from unseen
+            return None if call is None else returned  # as Starlette's __call__: nothing
         # From here on the span exists: whatever fails, it is ended. The task's context first, so that
         # nothing below can leave the task running outside its span.
         token = timings = timeout = None
@@ -287,6 +288,8 @@ class TaskWrappers:
             self._end(run, exc)
             self._report_or_park(run, exc)
             raise
+        if call is None:
+            result = None  # Starlette's __call__ awaits the task and returns nothing: neither do we
         threshold = options.blocking_threshold
         blocked = timed and threshold is not None and longest >= threshold
         if timeout is None and not blocked and not listeners.every_end:

@@ -236,8 +236,10 @@ async def test_default_stops_at_the_first_failure_like_starlette(instrument: Any
     assert ran == []
 
 
-async def test_async_timeout_cancels_the_task(instrument: Any, exporter: InMemorySpanExporter) -> None:
-    instrument(timeout=0.05)
+@pytest.mark.parametrize("timed", [True, False], ids=["event_loop_timed", "blocking_threshold_none"])
+async def test_async_timeout_cancels_the_task(instrument: Any, exporter: InMemorySpanExporter, timed: bool) -> None:
+    """With the event-loop timer on or off: both drive the task through the timeout's cancel scope."""
+    instrument(timeout=0.05, **({} if timed else {"blocking_threshold": None}))
     cancelled = asyncio.Event()
 
     async def hangs() -> None:
@@ -257,6 +259,33 @@ async def test_async_timeout_cancels_the_task(instrument: Any, exporter: InMemor
     assert span.attributes["error.type"] == "TimeoutError"
     assert span.attributes["background_task.timeout"] == 0.05
     assert span.status.status_code is StatusCode.ERROR
+    assert ("background_task.blocking.max" in span.attributes) is timed
+
+
+@pytest.mark.parametrize("threshold", [0.1, None], ids=["default", "off"])
+async def test_blocking_threshold_none_runs_tasks_untimed(
+    instrument: Any, exporter: InMemorySpanExporter, threshold: float | None
+) -> None:
+    """``blocking_threshold=None`` turns the timer off: the task runs and returns as before, with no blocking.max."""
+    instrument(blocking_threshold=threshold)
+    awaited: list[str] = []
+
+    async def polite() -> str:
+        await asyncio.sleep(0)  # one suspension: the task is driven across a yield to the event loop
+        awaited.append("after the yield")
+        return "done"
+
+    def plain() -> str:
+        return "done"
+
+    # Starlette's __call__ returns nothing, instrumented or not, whatever the task returns.
+    assert await BackgroundTask(polite)() is None
+    assert await BackgroundTask(plain)() is None
+    assert awaited == ["after the yield"]
+    spans = {span.name.rsplit(".", 1)[-1]: dict(span.attributes or {}) for span in task_spans(exporter)}
+    assert spans["polite"]["background_task.outcome"] == spans["plain"]["background_task.outcome"] == "success"
+    assert ("background_task.blocking.max" in spans["polite"]) is (threshold is not None)
+    assert "background_task.blocking.max" not in spans["plain"]  # a def task holds no event loop
 
 
 async def test_sync_timeout_is_reported_and_the_task_finishes(instrument: Any, exporter: InMemorySpanExporter) -> None:
