@@ -785,7 +785,11 @@ def _steps(awaitable: Awaitable[Any]) -> Generator[Any, Any, Any]:
     if isinstance(awaitable, types.CoroutineType):
         # Not a Generator to the type checker; to ``yield from`` and to send/throw/close it is one.
         return awaitable  # pyright: ignore[reportUnknownVariableType, reportReturnType]
-    return awaitable.__await__()
+    return _await(awaitable).__await__()  # what ``await`` accepts, and raises for what it refuses, exactly
+
+
+async def _await(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
 
 
 @types.coroutine  # so that it may ``yield from`` a coroutine

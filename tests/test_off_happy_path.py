@@ -6,6 +6,7 @@ false "never run" WARNING, and no "otel_bgtasks failed internally" record.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import inspect
 import logging
@@ -316,3 +317,42 @@ async def test_another_librarys_call_wrapper_still_runs_once_per_task(
     assert spans["resize_avatar"]["background_task.threadpool.wait"] >= 0
     assert spans["send_receipt"]["background_task.outcome"] == "success"
     assert [r.getMessage() for r in ours.records if r.levelno >= logging.WARNING] == []
+
+
+# -- What Starlette's __call__ does, otel_bgtasks does: odd awaitables -------------------------------
+
+
+async def _outcome(task: BackgroundTask) -> tuple[str, object]:
+    try:
+        return "returned", await task()
+    except Exception as exc:
+        return "raised", (type(exc), str(exc))
+
+
+def _odd_tasks() -> list[BackgroundTask]:
+    """Tasks flagged async whose function returns a Future, or something ``await`` refuses."""
+
+    def future_soon() -> asyncio.Future[int]:
+        future = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_soon(future.set_result, 1)
+        return future
+
+    def not_awaitable() -> str:
+        return "not awaitable"
+
+    tasks = [BackgroundTask(future_soon), BackgroundTask(not_awaitable)]
+    for task in tasks:
+        task.is_async = True  # as a callable object Starlette mistook for async would be
+    return tasks
+
+
+async def test_odd_awaitables_end_as_uninstrumented(tracer_provider: TracerProvider) -> None:
+    """A Future is awaited through; what ``await`` refuses raises the TypeError it raises uninstrumented."""
+    uninstrumented = [await _outcome(task) for task in _odd_tasks()]
+    otel_bgtasks.instrument(tracer_provider=tracer_provider)
+    with recording("otel_bgtasks") as ours:
+        instrumented = [await _outcome(task) for task in _odd_tasks()]
+    assert instrumented == uninstrumented
+    assert uninstrumented[0] == ("returned", None)
+    assert uninstrumented[1] == ("raised", (TypeError, "object str can't be used in 'await' expression"))
+    assert [r.getMessage() for r in ours.records if r.getMessage().startswith(INTERNAL_ERROR)] == []
