@@ -42,7 +42,7 @@ from opentelemetry import trace
 from opentelemetry.instrumentation.utils import unwrap
 from wrapt import wrap_function_wrapper
 
-from otel_bgtasks.guard import capture_internal_exceptions
+from otel_bgtasks.guard import capture_internal_exceptions, internal_error
 
 _logger = logging.getLogger("otel_bgtasks")
 
@@ -169,20 +169,26 @@ class _Split:
     def _watch_send(self, send: Send) -> Send:
         async def send_and_watch(message: Message) -> None:
             await send(message)
-            with capture_internal_exceptions():
+            try:
                 self._sent(message)
-            await self._stop_if_complete()
+            except Exception as exc:
+                internal_error(exc)
+            if self._complete:  # the rest of the test in _stop_if_complete: a coroutine only when it may stop
+                await self._stop_if_complete()
 
         return send_and_watch
 
     def _watch_receive(self, receive: Receive) -> Receive:
         async def receive_and_watch() -> Message:
             message = await receive()
-            with capture_internal_exceptions():
+            try:
                 # The client left during the response (Starlette then stops streaming and runs the tasks).
                 if message.get("type") == "http.disconnect" and self._response_started:
                     self._complete = True
-            await self._stop_if_complete()
+            except Exception as exc:
+                internal_error(exc)
+            if self._complete:
+                await self._stop_if_complete()
             return message
 
         return receive_and_watch
