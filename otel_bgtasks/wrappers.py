@@ -402,6 +402,7 @@ class TaskWrappers:
         scope: anyio.CancelScope | None,
         timings: ThreadTimings | None,
     ) -> TaskRun:
+        """The run of a task with something to judge or tell, made from what :meth:`_run` holds."""
         run = TaskRun(task, state, execution, span, start_ns)
         run.queue_duration = queue_duration
         run.token = token
@@ -410,7 +411,7 @@ class TaskWrappers:
         run.timings = timings
         return run
 
-    def _start(self, task: Any, start_ns: int) -> TaskRun:
+    def _unseen_run(self, task: Any, start_ns: int) -> TaskRun:
         """A run for a task we did not see start (a subclass's own ``__call__``), to end right away."""
         state = state_of(task)
         state.settled = state.ran = True
@@ -634,7 +635,7 @@ class TaskWrappers:
         """
         if not hasattr(task, "func") or state_of(task).ran:
             return None
-        run = self._start(task, started_ns)
+        run = self._unseen_run(task, started_ns)
         self._end(run, exc)
         return run
 
