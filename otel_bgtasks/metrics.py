@@ -118,12 +118,7 @@ class TaskMetrics:
 
     def _observe_outcomes(self, options: CallbackOptions) -> Iterable[Observation]:
         for (function_name, execution, outcome), value in self._snapshot(self._outcomes).items():
-            attributes: dict[str, AttributeValue] = {
-                semconv.CODE_FUNCTION_NAME: function_name,
-                semconv.EXECUTION: execution,
-                semconv.OUTCOME: outcome,
-            }
-            yield Observation(value, attributes)
+            yield Observation(value, metric_attributes(function_name, execution, outcome))
 
     def _snapshot(self, counts: dict[_K, int]) -> dict[_K, int]:
         with self._lock:
@@ -132,4 +127,16 @@ class TaskMetrics:
 
 def _observations(counts: dict[_Key, int]) -> Iterable[Observation]:
     for (function_name, execution), value in counts.items():
-        yield Observation(value, {semconv.CODE_FUNCTION_NAME: function_name, semconv.EXECUTION: execution})
+        yield Observation(value, metric_attributes(function_name, execution))
+
+
+def metric_attributes(
+    function_name: str, execution: str, outcome: str | None = None, error_name: str | None = None
+) -> dict[str, AttributeValue]:
+    """The attributes of a task's metric points: its function and execution, and how it ended if it did."""
+    attributes: dict[str, AttributeValue] = {semconv.CODE_FUNCTION_NAME: function_name, semconv.EXECUTION: execution}
+    if outcome is not None:
+        attributes[semconv.OUTCOME] = outcome
+    if error_name is not None:
+        attributes[semconv.ERROR_TYPE] = error_name
+    return attributes

@@ -33,16 +33,12 @@ class FunctionNames:
     attributes: dict[str, AttributeValue]
     timeout: float | None = None  # from @task_options, if timeout_declared; else instrument()'s applies
     timeout_declared: bool = False
-    # What every task of this function repeats, made once: its span's attributes known before it runs and
-    # the metric attributes of a success, per background_task.execution, and its metric attributes per
-    # (execution, outcome, error.type) as they come.
+    # What every task of this function repeats, made once: its span's attributes known before it runs, per
+    # background_task.execution, and its metric attributes per (execution, outcome, error.type) as they come.
     start_attributes: dict[str, dict[str, AttributeValue]] = field(
         default_factory=lambda: {}, compare=False, repr=False
     )
-    success_attributes: dict[str, dict[str, AttributeValue]] = field(
-        default_factory=lambda: {}, compare=False, repr=False
-    )
-    metric_attributes: dict[tuple[str, str, str | None], dict[str, AttributeValue]] = field(
+    metric_attributes: dict[tuple[str, str | None, str | None], dict[str, AttributeValue]] = field(
         default_factory=lambda: {}, compare=False, repr=False
     )
 
@@ -103,15 +99,6 @@ def _names_from(qualname: str | None, module: str | None, code: CodeType | None,
         attributes[semconv.CODE_FILE_PATH] = code.co_filename
         attributes[semconv.CODE_LINE_NUMBER] = code.co_firstlineno
     executions = (semconv.EXECUTION_ASYNC, semconv.EXECUTION_THREADPOOL)
-    start_attributes = {execution: {**attributes, semconv.EXECUTION: execution} for execution in executions}
-    success_attributes: dict[str, dict[str, AttributeValue]] = {
-        execution: {
-            semconv.CODE_FUNCTION_NAME: function_name,
-            semconv.EXECUTION: execution,
-            semconv.OUTCOME: semconv.OUTCOME_SUCCESS,
-        }
-        for execution in executions
-    }
     return FunctionNames(
         f"{semconv.SPAN_NAME_PREFIX} {qualname}",
         qualname,
@@ -119,8 +106,7 @@ def _names_from(qualname: str | None, module: str | None, code: CodeType | None,
         attributes,
         None if timeout is NOT_SET else timeout,  # pyright: ignore[reportArgumentType]  # declared_timeout(): float | None
         timeout is not NOT_SET,
-        start_attributes,
-        success_attributes,
+        {execution: {**attributes, semconv.EXECUTION: execution} for execution in executions},
     )
 
 

@@ -33,7 +33,7 @@ from otel_bgtasks.arguments import ArgumentCapture
 from otel_bgtasks.config import Options
 from otel_bgtasks.diagnosis import diagnose, handed_over_session, misuse, warn_handed_over_session
 from otel_bgtasks.guard import capture_internal_exceptions, internal_error
-from otel_bgtasks.metrics import TaskMetrics
+from otel_bgtasks.metrics import TaskMetrics, metric_attributes
 from otel_bgtasks.mistakes import BLOCKING, creation_site, discard, invalid_task_problem, report_dropped
 from otel_bgtasks.naming import FunctionNames, describe, error_type, safe_str
 from otel_bgtasks.setup_checks import check_first_task
@@ -290,16 +290,15 @@ class TaskWrappers:
             raise
         if call is None:
             result = None  # Starlette's __call__ awaits the task and returns nothing: neither do we
-        threshold = options.blocking_threshold
-        blocked = timed and threshold is not None and longest >= threshold
-        if timeout is None and not blocked and not listeners.every_end:
+        blocking_max = longest if timed else None
+        if timeout is None and not listeners.every_end and not _held_too_long(blocking_max, options.blocking_threshold):
             owned = span is not parent
-            self._succeeded(span, owned, token, start_ns, state.names, execution, longest if timed else None, timings)
+            self._succeeded(span, owned, token, start_ns, state.names, execution, blocking_max, timings)
             return result
         # Something to judge or to tell: a timeout, a blocked loop, a listener.
         scope = scopes[0] if scopes else None
         run = self._ran(task, state, execution, span, start_ns, queue_duration, token, timeout, scope, timings)
-        run.blocking_max = longest if timed else None
+        run.blocking_max = blocking_max
         self._end(run, None)
         self._report(run)
         return result
@@ -369,23 +368,14 @@ class TaskWrappers:
                 if token is not None:
                     otel_context.detach(token)  # pyright: ignore[reportArgumentType]
                 if owned and span.is_recording():
-                    span.set_attribute(semconv.OUTCOME, semconv.OUTCOME_SUCCESS)
-                    if longest is not None:
-                        span.set_attribute(semconv.BLOCKING_MAX, longest)
-                    if wait is not None:
-                        span.set_attribute(semconv.THREADPOOL_WAIT, wait)
+                    _set_end_attributes(span, semconv.OUTCOME_SUCCESS, longest, wait)
             finally:
                 if owned:
                     span.end(end_ns)
         except Exception as exc:
             internal_error(exc)
         try:
-            task_metrics = self._metrics
-            task_metrics.ended(names.function_name, execution, semconv.OUTCOME_SUCCESS)
-            attributes = names.success_attributes[execution]
-            task_metrics.duration.record((end_ns - start_ns) / 1e9, attributes)
-            if wait is not None:
-                task_metrics.threadpool_wait.record(wait, _metric_attributes(names, execution, None, None))
+            self._record_metrics(names, execution, semconv.OUTCOME_SUCCESS, None, (end_ns - start_ns) / 1e9, wait)
         except Exception as exc:
             internal_error(exc)
 
@@ -454,7 +444,8 @@ class TaskWrappers:
             finally:
                 run.span.end(end_ns)
         with _guard:
-            self._record_metrics(run, duration)
+            error_name = None if run.error is None else error_type(run.error)
+            self._record_metrics(run.names, run.execution, run.outcome, error_name, duration, run.threadpool_wait)
             if run.blocking_max is not None:
                 self._warn_if_blocking(run)
 
@@ -475,15 +466,21 @@ class TaskWrappers:
                 _log_failure(run, run.error)
             run.error = None  # its traceback holds frames that hold the run: break the cycle now
 
-    def _record_metrics(self, run: TaskRun, duration: float) -> None:
+    def _record_metrics(
+        self,
+        names: FunctionNames,
+        execution: str,
+        outcome: str,
+        error_name: str | None,
+        duration: float,
+        wait: float | None,
+    ) -> None:
+        """The end of a run in the counts and histograms: every run's, whichever way it ended."""
         task_metrics = self._metrics
-        names = run.names
-        task_metrics.ended(names.function_name, run.execution, run.outcome)
-        error_name = None if run.error is None else error_type(run.error)
-        task_metrics.duration.record(duration, _metric_attributes(names, run.execution, run.outcome, error_name))
-        wait = run.threadpool_wait
+        task_metrics.ended(names.function_name, execution, outcome)
+        task_metrics.duration.record(duration, _metric_attributes(names, execution, outcome, error_name))
         if wait is not None:
-            task_metrics.threadpool_wait.record(wait, _metric_attributes(names, run.execution, None, None))
+            task_metrics.threadpool_wait.record(wait, _metric_attributes(names, execution, None, None))
 
     def _classify(self, run: TaskRun, exc: BaseException | None, duration: float) -> tuple[str, BaseException | None]:
         """The outcome, and the error to report (``None`` for success and cancellation)."""
@@ -509,16 +506,10 @@ class TaskWrappers:
 
     def _annotate(self, run: TaskRun, end_ns: int) -> None:
         """End attributes and events, stamped no later than the span's end."""
-        # One set_attribute per value: for the usual two or three, cheaper than building a dict for set_attributes.
         span = run.span
-        span.set_attribute(semconv.OUTCOME, run.outcome)
-        if run.blocking_max is not None:
-            span.set_attribute(semconv.BLOCKING_MAX, run.blocking_max)
-            if self._blocked(run):
-                span.add_event(semconv.EVENT_LOOP_BLOCKED, {semconv.BLOCKING_MAX: run.blocking_max}, end_ns)
-        wait = run.threadpool_wait
-        if wait is not None:
-            span.set_attribute(semconv.THREADPOOL_WAIT, wait)
+        _set_end_attributes(span, run.outcome, run.blocking_max, run.threadpool_wait)
+        if self._blocked(run):
+            span.add_event(semconv.EVENT_LOOP_BLOCKED, {semconv.BLOCKING_MAX: run.blocking_max}, end_ns)
         if run.timeout is not None:
             span.set_attribute(semconv.TIMEOUT, run.timeout)
         error = run.error
@@ -532,8 +523,7 @@ class TaskWrappers:
 
     def _blocked(self, run: TaskRun) -> bool:
         """Whether the task held the event loop for ``blocking_threshold`` or more."""
-        threshold = self._options.blocking_threshold
-        return run.blocking_max is not None and threshold is not None and run.blocking_max >= threshold
+        return _held_too_long(run.blocking_max, self._options.blocking_threshold)
 
     def _warn_if_blocking(self, run: TaskRun) -> None:
         if not self._blocked(run):
@@ -581,12 +571,9 @@ class TaskWrappers:
         position, started_ns = 0, 0
         try:
             for position, task in enumerate(tasks):
-                state: TaskState | None = getattr(task, STATE_ATTRIBUTE, None)
+                state = None
                 try:
-                    if state is None:
-                        state = _number(task, position)  # made before instrument(), or not a task
-                    else:
-                        state.index = position
+                    state = _number(task, position)
                 except Exception as exc:
                     internal_error(exc)
                 # A plain BackgroundTask runs here, as Starlette's __call__ would run it; others through theirs.
@@ -803,22 +790,30 @@ def _within(
         return (yield from steps)
 
 
+def _held_too_long(blocking_max: float | None, threshold: float | None) -> bool:
+    """Whether a timed task held the event loop for ``blocking_threshold`` or more."""
+    return blocking_max is not None and threshold is not None and blocking_max >= threshold
+
+
+def _set_end_attributes(span: Span, outcome: str, blocking_max: float | None, wait: float | None) -> None:
+    """The end attributes every run has or may have, an error's aside."""
+    # One set_attribute per value: for the usual two or three, cheaper than building a dict for set_attributes.
+    span.set_attribute(semconv.OUTCOME, outcome)
+    if blocking_max is not None:
+        span.set_attribute(semconv.BLOCKING_MAX, blocking_max)
+    if wait is not None:
+        span.set_attribute(semconv.THREADPOOL_WAIT, wait)
+
+
 def _metric_attributes(
     names: FunctionNames, execution: str, outcome: str | None, error_name: str | None
 ) -> dict[str, AttributeValue]:
     """Metric attributes, built once per function and (execution, outcome, error type)."""
-    key = (execution, outcome or "", error_name)
+    key = (execution, outcome, error_name)
     cached = names.metric_attributes.get(key)
     if cached is not None:
         return cached
-    attributes: dict[str, AttributeValue] = {
-        semconv.CODE_FUNCTION_NAME: names.function_name,
-        semconv.EXECUTION: execution,
-    }
-    if outcome is not None:
-        attributes[semconv.OUTCOME] = outcome
-    if error_name is not None:
-        attributes[semconv.ERROR_TYPE] = error_name
+    attributes = metric_attributes(names.function_name, execution, outcome, error_name)
     if len(names.metric_attributes) < 64:  # error types are many only for a task that fails in many ways
         names.metric_attributes[key] = attributes
     return attributes
