@@ -94,6 +94,8 @@ class TaskState:
         """The task was freed (the weak reference's callback, in whichever thread freed it)."""
         if states.get(self.key) is self:
             del states[self.key]
+        if self.settled and self.coroutine is None:  # it ran, or its fate was told: the usual case, kept short
+            return
         with suppress(Exception):  # at interpreter exit logging may be gone: nothing safer is left to do
             coroutine = None if self.coroutine is None else self.coroutine()
             if coroutine is not None:
