@@ -494,8 +494,11 @@ async def test_a_coroutine_task_freed_unrun_is_closed_only_if_nothing_else_holds
 async def test_a_coroutine_task_is_closed_as_it_runs_when_only_the_task_holds_it(
     instrument: Callable[..., None],
 ) -> None:
-    """Closed before Starlette's TypeError, whose traceback holds it too (tests/test_diagnosis.py and the golden
-    outputs' cause_add_task_misuse fail without this close; here the task's own close would do)."""
+    """Closed before Starlette's TypeError, whose traceback holds it too.
+
+    Without the close as it runs, test_diagnosis.py's coroutine-object test and the golden cause_add_task_misuse
+    scenario leave a "never awaited" warning for a later test; here the close when the task is freed suffices.
+    """
     instrument()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
