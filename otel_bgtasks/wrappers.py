@@ -36,6 +36,7 @@ from otel_bgtasks.guard import capture_internal_exceptions, internal_error
 from otel_bgtasks.metrics import TaskMetrics, metric_attributes
 from otel_bgtasks.mistakes import BLOCKING, creation_site, discard, invalid_task_problem, report_dropped
 from otel_bgtasks.naming import FunctionNames, describe, error_type, safe_str
+from otel_bgtasks.request_metrics import response_complete
 from otel_bgtasks.setup_checks import check_first_task
 from otel_bgtasks.task_state import STATE_ATTRIBUTE, TaskRun, TaskState, ThreadTimings, state_of
 from otel_bgtasks.version import __version__
@@ -201,6 +202,7 @@ class TaskWrappers:
         task where something else wraps Starlette's ``__call__`` inside ours; ``None``: Starlette's two
         lines run here, and a sync task's trip through the thread pool is timed by :func:`_timed_hand_off`.
         """
+        response_complete()  # Starlette runs a request's tasks after its response: its metrics end here
         start_ns = time_ns()
         options = self._options
         is_async: bool = task.is_async
