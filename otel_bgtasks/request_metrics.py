@@ -43,11 +43,12 @@ unless :func:`equip` reaches them (``instrument(app)`` does, for the app it is g
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Iterator
 from contextvars import ContextVar, Token
 from timeit import default_timer
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, SupportsIndex
 
 from opentelemetry.instrumentation.utils import unwrap
 from wrapt import ObjectProxy, wrap_function_wrapper
@@ -99,7 +100,20 @@ def response_complete() -> None:
         request = request.outer
 
 
-class _ActiveRequests(_Proxy):
+class _Instrument(_Proxy):
+    """A proxy that copies and pickles as the instrument it stands for (wrapt's own refuse to): as contrib's."""
+
+    def __copy__(self) -> Any:
+        return copy.copy(self.__wrapped__)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return copy.deepcopy(self.__wrapped__, memo)
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> Any:
+        return self.__wrapped__.__reduce_ex__(protocol)
+
+
+class _ActiveRequests(_Instrument):
     """Contrib's ``http.server.active_requests`` counter on one middleware: it holds the request's holder."""
 
     def add(self, amount: Any, attributes: Any = None, *args: Any, **kwargs: Any) -> None:
@@ -124,7 +138,7 @@ class _ActiveRequests(_Proxy):
         counter.add(amount, attributes, *args, **kwargs)
 
 
-class _Duration(_Proxy):
+class _Duration(_Instrument):
     """One of contrib's request duration histograms on one middleware: it leaves out the time after the response."""
 
     def __init__(self, histogram: Any, owner: _ActiveRequests, scale: int) -> None:

@@ -13,8 +13,10 @@ subprocess for the zero-code setup and both semantic conventions.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -41,11 +43,13 @@ from packaging.version import Version
 from sentry_sdk.integrations.starlette import StarletteIntegration
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
+from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 import otel_bgtasks
+from otel_bgtasks import request_metrics
 from otel_bgtasks.config import resolve
 
 try:
@@ -198,10 +202,11 @@ def assert_ends_with_response(served: Served) -> None:
     """
     assert served.during.active == 0
     assert served.during.durations in ({}, served.after.durations)
-    point = only_duration(served.after)
+    only_duration(served.after)
     assert served.after.active == 0
-    assert point.seconds <= served.until_snapshot + MS_ROUNDING
-    assert point.seconds < served.held_seconds  # the task was held at least HOLD_SECONDS
+    for point in (point for points in served.after.durations.values() for point in points):  # ms and s alike
+        assert point.seconds <= served.until_snapshot + MS_ROUNDING
+        assert point.seconds < served.held_seconds  # the task was held at least HOLD_SECONDS
 
 
 def assert_includes_task(served: Served) -> None:
@@ -449,9 +454,15 @@ async def test_requests_without_tasks_record_what_they_did(setups: Callable[[str
 
             return StreamingResponse(chunks())
 
+        @app.get("/raises")
+        async def raises() -> None:
+            raise TaskFailed("route broke")
+
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
             for path in ("/plain", "/plain", "/stream"):
                 assert (await client.get(path)).status_code == 200
+            with pytest.raises(TaskFailed, match="route broke"):
+                await client.get("/raises")
         state = snapshot(setup.reader)
         assert state.active == 0
         recorded.append({(n, p.attributes, p.count) for n, found in state.durations.items() for p in found})
@@ -498,6 +509,49 @@ async def test_two_middlewares_each_end_with_the_response(tracer_provider: Trace
     otel_bgtasks.instrument(app, tracer_provider=tracer_provider)
     for served in await serve_held_all(app, held, readers):
         assert_ends_with_response(served)
+    assert request_metrics._current.get() is None  # pyright: ignore[reportPrivateUsage]  # nothing left behind
+
+
+async def passing_through(request: Request, call_next: Any) -> Response:
+    return await call_next(request)
+
+
+@pytest.mark.parametrize("where", ["inside", "outside"])
+async def test_base_http_middleware(tracer_provider: TracerProvider, where: str) -> None:
+    """Starlette's BaseHTTPMiddleware runs what is inside it in a task group's task, in a copy of the context."""
+    reader = InMemoryMetricReader()
+    held = Held()
+    app = fastapi_app(held)
+    contrib = {"tracer_provider": tracer_provider, "meter_provider": MeterProvider([reader])}
+    if where == "inside":  # Starlette wraps the later one around the earlier one
+        app.add_middleware(BaseHTTPMiddleware, dispatch=passing_through)
+        app.add_middleware(OpenTelemetryMiddleware, **contrib)
+    else:
+        app.add_middleware(OpenTelemetryMiddleware, **contrib)
+        app.add_middleware(BaseHTTPMiddleware, dispatch=passing_through)
+    otel_bgtasks.instrument(tracer_provider=tracer_provider)
+    assert_ends_with_response(await serve_held(app, held, reader))
+
+
+def test_instruments_copy_and_pickle_as_contribs() -> None:
+    """The proxies on a middleware's instruments copy and pickle as the instruments themselves (wrapt's refuse)."""
+
+    def outcomes() -> list[str]:
+        found = []
+        for meter_provider in (None, MeterProvider()):
+            middleware = OpenTelemetryMiddleware(Starlette(), meter_provider=meter_provider)
+            histogram = getattr(middleware, "duration_histogram_old", None) or middleware.duration_histogram
+            for instrument in (middleware.active_requests_counter, histogram):
+                for how in (copy.copy, copy.deepcopy, lambda i: pickle.loads(pickle.dumps(i))):
+                    try:
+                        found.append(type(how(instrument)).__qualname__)
+                    except Exception as exc:
+                        found.append(f"{type(exc).__name__}: {exc}")
+        return found
+
+    uninstrumented = outcomes()
+    otel_bgtasks.instrument()
+    assert outcomes() == uninstrumented
 
 
 class NotingHeld(Held):
