@@ -32,6 +32,7 @@ from opentelemetry.trace import Span
 from otel_bgtasks import listeners
 from otel_bgtasks.arguments import ArgumentCapture
 from otel_bgtasks.listeners import TaskListener
+from otel_bgtasks.naming import MAX_LISTED
 from otel_bgtasks.task_state import TaskRun, TaskState
 
 MECHANISM: Final = "otel_bgtasks"
@@ -118,12 +119,20 @@ class SentryForwarder(TaskListener):
             if route is not None:
                 scope.set_tag("http.route", route)
             scope.set_context("background_task", self._context(run, send_arguments))
-            for name in run.skipped:
+            for name in run.skipped[:MAX_LISTED]:
                 scope.add_breadcrumb(
                     category="background_task",
                     message=f"Skipped {name}: an earlier task in the same BackgroundTasks failed",
                     level="warning",
                     data={"code.function.name": name, "background_task.outcome": "skipped"},
+                )
+            if len(run.skipped) > MAX_LISTED:
+                more = len(run.skipped) - MAX_LISTED
+                scope.add_breadcrumb(
+                    category="background_task",
+                    message=f"Skipped {more} more: an earlier task in the same BackgroundTasks failed",
+                    level="warning",
+                    data={"background_task.outcome": "skipped", "count": more},
                 )
             _forget_last_seen(client, DedupeIntegration)  # our log record may have been "seen" first
             scope.capture_event(event, hint)

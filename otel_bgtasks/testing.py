@@ -34,7 +34,7 @@ from otel_bgtasks.config import UNSET, Unset, explicit
 from otel_bgtasks.instrumentor import BackgroundTasksInstrumentor
 from otel_bgtasks.listeners import TaskListener, add_listener, remove_listener
 from otel_bgtasks.mistakes import BLOCKING, DROPPED, invalid_task_problem
-from otel_bgtasks.naming import describe, error_type, safe_str
+from otel_bgtasks.naming import describe, error_type, listing, safe_str
 from otel_bgtasks.task_state import TaskRun, TaskState
 
 __all__ = ["OUTCOME_INVALID", "TaskCheck", "TaskRecord", "TaskRecorder"]
@@ -108,7 +108,7 @@ class TaskRecord:
         if self.hint:
             text += f" Hint: {self.hint}"
         if self.left_unrun:
-            text += f" It left unrun: {', '.join(self.left_unrun)}."
+            text += f" It left unrun: {listing(self.left_unrun)}."
         if self.blocked:
             text += " " + BLOCKING % (name, self.blocking or 0.0)
         return text
@@ -380,7 +380,7 @@ class TaskRecorder(TaskListener):
 
     def _never_ran(self, task: Task) -> str:
         with self._lock:
-            recorded = ", ".join(f"{r.function_name} ({r.outcome})" for r in self._records) or "none"
+            recorded = listing([f"{r.function_name} ({r.outcome})" for r in self._records]) or "none"
         return f"{_label(task)} never ran: no task of that name ended, was skipped or dropped. Recorded: {recorded}"
 
     def __repr__(self) -> str:

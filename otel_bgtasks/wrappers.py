@@ -35,7 +35,7 @@ from otel_bgtasks.diagnosis import diagnose, handed_over_session, misuse, warn_h
 from otel_bgtasks.guard import capture_internal_exceptions, internal_error
 from otel_bgtasks.metrics import TaskMetrics, metric_attributes
 from otel_bgtasks.mistakes import BLOCKING, creation_site, discard, invalid_task_problem, report_dropped
-from otel_bgtasks.naming import FunctionNames, describe, error_type, safe_str
+from otel_bgtasks.naming import FunctionNames, describe, error_type, listing, safe_str
 from otel_bgtasks.setup_checks import check_first_task
 from otel_bgtasks.task_state import STATE_ATTRIBUTE, TaskRun, TaskState, ThreadTimings, state_of
 from otel_bgtasks.version import __version__
@@ -656,7 +656,7 @@ class TaskWrappers:
                 "Skipped %d background task(s) because their BackgroundTasks was cancelled before they ran "
                 "(the server shutting down, or the client's connection closing): %s.",
                 len(skipped),
-                ", ".join(skipped),
+                listing(skipped),
             )
         elif skipped:
             _logger.warning(
@@ -664,7 +664,7 @@ class TaskWrappers:
                 "To run them anyway, pass continue_on_error=True to otel_bgtasks.instrument(), or set "
                 "OTEL_PYTHON_BGTASKS_CONTINUE_ON_ERROR=true.",
                 len(skipped),
-                ", ".join(skipped),
+                listing(skipped),
             )
         return skipped
 

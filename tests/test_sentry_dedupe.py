@@ -264,3 +264,22 @@ def test_forwarded_set_holds_no_exception() -> None:
         forwarded.add(one)
     assert len(forwarded) == 256  # only the last ones: a freed one's id may come back
     assert kept[-1] in forwarded and kept[0] not in forwarded
+
+
+def test_skipped_breadcrumbs_are_bounded(receiver: EnvelopeReceiver, tracer_provider: TracerProvider) -> None:
+    """A failure that left 30 tasks unrun: 20 breadcrumbs name them, one counts the other 10."""
+    init_sentry(receiver.dsn, framework_integrations=False)
+    otel_bgtasks.instrument(tracer_provider=tracer_provider)
+    tasks = BackgroundTasks()
+    tasks.add_task(charge, "4000000000000002")
+    for index in range(30):
+        tasks.add_task(print, index)
+    with pytest.raises(CardDeclined):
+        asyncio.run(tasks())
+    sentry_sdk.flush(timeout=5)
+
+    (event,) = receiver.events
+    crumbs = [b for b in event["breadcrumbs"]["values"] if b.get("category") == "background_task"]
+    assert [b["data"].get("code.function.name") for b in crumbs] == ["builtins.print"] * 20 + [None]
+    assert crumbs[-1]["message"] == "Skipped 10 more: an earlier task in the same BackgroundTasks failed"
+    assert crumbs[-1]["data"]["count"] == 10
