@@ -128,9 +128,11 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def run_script(tmp_path: Path, launcher: list[str], *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+def run_script(
+    tmp_path: Path, launcher: list[str], *args: str, source: str = SCRIPT, **env: str
+) -> subprocess.CompletedProcess[str]:
     script = tmp_path / "no_sdk.py"
-    script.write_text(SCRIPT)
+    script.write_text(source)
     environ = {key: value for key, value in os.environ.items() if not key.startswith(("OTEL_", "FASTAPI_OTEL_"))}
     completed = subprocess.run(
         [*launcher, str(script), *args],
@@ -229,20 +231,7 @@ FOLLOWED_SCRIPT = textwrap.dedent(
 @pytest.mark.parametrize("given_to", [pytest.param("native", marks=needs_native_telemetry), "contrib instrument_app"])
 def test_no_sdk_warning_when_task_spans_follow_the_apps_provider(tmp_path: Path, given_to: str) -> None:
     """The app gave FastAPI's telemetry or contrib's instrument_app() a provider: task spans go there too."""
-    script = tmp_path / "followed.py"
-    script.write_text(FOLLOWED_SCRIPT)
-    environ = {key: value for key, value in os.environ.items() if not key.startswith(("OTEL_", "FASTAPI_OTEL_"))}
-    completed = subprocess.run(
-        [sys.executable, str(script), given_to.split()[0]],
-        cwd=tmp_path,
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert completed.returncode == 0, completed.stderr
-    assert completed.stdout.count("delivered 7") == 2
+    completed = run_script(tmp_path, [sys.executable], given_to.split()[0], source=FOLLOWED_SCRIPT)
     assert "task spans 2 children 2" in completed.stdout  # exported, under the request spans
     assert NO_SDK not in completed.stderr
     assert NO_REQUEST_SPAN not in completed.stderr
