@@ -168,7 +168,6 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
         options = resolve({k: v for k, v in kwargs.items() if k not in _BASE_INSTRUMENTOR_ARGUMENTS})
         self._options = options
         self._providers = (tracer_provider, meter_provider)
-        arm(tracer_provider is not None, spans_wanted=not isinstance(tracer_provider, NoOpTracerProvider))
         arguments = (
             ArgumentCapture(options.capture_args_max_length, options.redact_keys) if options.capture_args else None
         )
@@ -176,6 +175,7 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
             self._sentry = SentryForwarder(options.sentry, arguments)
             add_listener(self._sentry)
         wrappers = TaskWrappers(tracer_provider, task_metrics(meter_provider), options, arguments)
+        arm(wrappers.spans_recorded, spans_wanted=not isinstance(tracer_provider, NoOpTracerProvider))
         wrappers.bypass_call = contrib_original_call()
         self._wrappers = wrappers
         self._contrib = ContribFastAPICoordinator(wrappers)

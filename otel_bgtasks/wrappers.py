@@ -45,7 +45,7 @@ from otel_bgtasks.mistakes import (
     invalid_task_problem,
     report_dropped,
 )
-from otel_bgtasks.naming import FunctionNames, describe, error_type, safe_str
+from otel_bgtasks.naming import FunctionNames, describe, error_type, listing, safe_str
 from otel_bgtasks.request_metrics import response_complete
 from otel_bgtasks.setup_checks import check_first_task
 from otel_bgtasks.task_state import (
@@ -728,7 +728,7 @@ class TaskWrappers:
                 "Skipped %d background task(s) because their BackgroundTasks was cancelled before they ran "
                 "(the server shutting down, or the client's connection closing): %s.",
                 len(skipped),
-                ", ".join(skipped),
+                listing(skipped),
             )
         elif skipped:
             _logger.warning(
@@ -736,7 +736,7 @@ class TaskWrappers:
                 "To run them anyway, pass continue_on_error=True to otel_bgtasks.instrument(), or set "
                 "OTEL_PYTHON_BGTASKS_CONTINUE_ON_ERROR=true.",
                 len(skipped),
-                ", ".join(skipped),
+                listing(skipped),
             )
         return skipped
 
