@@ -546,7 +546,11 @@ class TaskWrappers:
             return
         if len(self._warned_blocking) < 4096:
             self._warned_blocking.add(name)
-        _logger.warning(BLOCKING, name, run.blocking_max)
+        token = otel_context.attach(_task_context(run))  # the record is the task's, as the failure's is
+        try:
+            _logger.warning(BLOCKING, name, run.blocking_max)
+        finally:
+            otel_context.detach(token)
 
     # -- the thread-pool hand-off of sync tasks ----------------------------------------------------
 

@@ -100,7 +100,7 @@ def exported_logs(request: pytest.FixtureRequest) -> Iterator[InMemoryLogExporte
             from opentelemetry.instrumentation.logging.handler import (  # pyright: ignore[reportMissingImports]
                 LoggingHandler,  # pyright: ignore[reportUnknownVariableType]
             )
-        handler = LoggingHandler(level=logging.ERROR, logger_provider=provider)  # pyright: ignore[reportUnknownVariableType]
+        handler = LoggingHandler(level=logging.WARNING, logger_provider=provider)  # pyright: ignore[reportUnknownVariableType]
     root = logging.getLogger()
     root.addHandler(handler)  # pyright: ignore[reportUnknownArgumentType]
     try:
@@ -138,10 +138,27 @@ async def test_the_exported_error_record_carries_the_task_spans_ids(
     (task,) = [s for s in task_spans(exporter) if s.attributes and s.attributes["background_task.outcome"] == "error"]
     # The task span's parent is the request in child mode; in link mode it is a trace of its own.
     assert (task.context.trace_id == request.context.trace_id) is (mode == "child")
-    (record,) = [log.log_record for log in exported_logs.get_finished_logs() if log.log_record.body is not None]
+    (record,) = [log.log_record for log in exported_logs.get_finished_logs() if log.log_record.severity_text == "ERROR"]
     assert f"Background task {__name__}.fail failed (error): ValueError: no stock" in str(record.body)
     assert (record.trace_id, record.span_id) == ids(task)
     assert record.trace_flags is not None and record.trace_flags.sampled
+
+
+async def test_the_blocked_event_loop_warning_carries_the_task_spans_ids(
+    instrument: Any, exporter: InMemorySpanExporter, exported_logs: InMemoryLogExporter
+) -> None:
+    instrument(mode="link", blocking_threshold=0.01)
+
+    async def blocks() -> None:
+        time.sleep(0.02)
+
+    with trace.get_tracer("tests").start_as_current_span("request"):
+        await BackgroundTask(blocks)()
+
+    (task,) = task_spans(exporter)
+    (record,) = [log.log_record for log in exported_logs.get_finished_logs()]
+    assert "blocked the event loop" in str(record.body)
+    assert (record.trace_id, record.span_id) == ids(task)
 
 
 async def test_the_record_names_the_task_span_in_the_standard_logging_fields_too(
