@@ -12,13 +12,15 @@ whose only attribute is ``otel.metric.overflow=true``, as the SDK does past its 
 
 from __future__ import annotations
 
+import inspect
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Final, TypeVar
 
 from opentelemetry import metrics
-from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
+from opentelemetry.context import Context
+from opentelemetry.metrics import CallbackOptions, Histogram, MeterProvider, Observation
 from opentelemetry.util.types import AttributeValue
 
 from otel_bgtasks import semconv
@@ -36,6 +38,26 @@ OVERFLOW_ATTRIBUTES: Final[dict[str, AttributeValue]] = {semconv.METRIC_OVERFLOW
 # Where the counters count the overflow series: no function is named "" (naming.py names the nameless "<unknown>").
 _OVERFLOW: Final[_Key] = ("", "")
 _OUTCOME_OVERFLOW: Final[_OutcomeKey] = ("", "", "")
+
+# Bucket bounds of the histograms, in seconds: from a millisecond to an hour, three buckets per order of
+# magnitude up to 10 s, then by minutes. The SDK's default (0, 5, 10, 25, ... 10000) is meant for
+# milliseconds: every task under 5 s would share one bucket, and a p95 could only say "under 5 s".
+BUCKET_BOUNDS: Final = (
+    *(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+    *(30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0),
+)
+# Given to the SDK as advice, which opentelemetry-api/-sdk take from 1.30; with older ones a View gives the
+# same bounds (README, Metrics). A View the application registers wins over the advice in any case.
+_BUCKET_ADVICE: Final[dict[str, tuple[float, ...]]] = (
+    {"explicit_bucket_boundaries_advisory": BUCKET_BOUNDS}
+    if "explicit_bucket_boundaries_advisory" in inspect.signature(metrics.Meter.create_histogram).parameters
+    else {}
+)
+
+# What a histogram record is given: value, attributes, and the context of the measurement (its exemplar's span).
+Record = Callable[[float, dict[str, AttributeValue], Context], None]
+# The API takes a measurement's context from 1.27, when the SDK got exemplars; before, there are none.
+_RECORD_TAKES_CONTEXT: Final = "context" in inspect.signature(Histogram.record).parameters
 
 # One TaskMetrics per meter provider, for the life of the provider: the SDK hands back the instruments it
 # already has for a name, so the observable ones keep calling the first TaskMetrics' callbacks. Reusing it
@@ -60,18 +82,25 @@ class TaskMetrics:
     def __init__(self, meter_provider: MeterProvider | None) -> None:
         meter = metrics.get_meter(METER_NAME, __version__, meter_provider)
         self.duration = meter.create_histogram(
-            semconv.METRIC_DURATION, unit="s", description="Time a background task ran, from start to end."
+            semconv.METRIC_DURATION,
+            unit="s",
+            description="Time a background task ran, from start to end.",
+            **_BUCKET_ADVICE,
         )
         self.queue_duration = meter.create_histogram(
             semconv.QUEUE_DURATION,
             unit="s",
             description="Time from a background task's creation in the request to its start.",
+            **_BUCKET_ADVICE,
         )
         self.threadpool_wait = meter.create_histogram(
             semconv.THREADPOOL_WAIT,
             unit="s",
             description="Time a sync background task waited for a worker thread.",
+            **_BUCKET_ADVICE,
         )
+        self.record_duration = _recorder(self.duration)
+        self.record_wait = _recorder(self.threadpool_wait)
         # Event loops in several threads may update the same counter: a lock keeps each update whole.
         self._lock = threading.Lock()
         self._active: dict[_Key, int] = {}
@@ -163,6 +192,13 @@ def _increment(counts: dict[_K, int], key: _K, overflow: _K) -> None:
     if count is None:
         key, count = _new_series(counts, key, overflow)
     counts[key] = count + 1
+
+
+def _recorder(histogram: Histogram) -> Record:
+    """``histogram.record`` itself where it takes the measurement's context; else one that leaves it out."""
+    if _RECORD_TAKES_CONTEXT:
+        return histogram.record
+    return lambda amount, attributes, context: histogram.record(amount, attributes)
 
 
 def _observations(counts: dict[_Key, int]) -> Iterable[Observation]:
