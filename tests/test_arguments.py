@@ -68,6 +68,28 @@ async def test_captured_arguments_are_redacted_and_truncated(
     assert "s3cret" not in repr(dict(span.attributes))
 
 
+def pay(user: str, ssn: str, **details: Any) -> None:
+    pass
+
+
+@pytest.mark.parametrize("variable", ["ssn,iban", " SSN , iban ,", "iban,ssn"])
+async def test_redact_keys_from_the_environment_are_comma_separated(
+    tracer_provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    monkeypatch: pytest.MonkeyPatch,
+    variable: str,
+) -> None:
+    monkeypatch.setenv("OTEL_PYTHON_BGTASKS_REDACT_KEYS", variable)
+    monkeypatch.setenv("OTEL_PYTHON_BGTASKS_CAPTURE_ARGS", "true")
+    otel_bgtasks.instrument(tracer_provider=tracer_provider)
+    await BackgroundTask(pay, "ann", "078-05-1120", iban="DE89370400440532013000", payee_iban="FR14", amount=12)()
+
+    (span,) = task_spans(exporter)
+    assert span.attributes is not None
+    assert span.attributes["background_task.args"] == ("'ann'", "[redacted]")
+    assert span.attributes["background_task.kwargs"] == ("iban=[redacted]", "payee_iban=[redacted]", "amount=12")
+
+
 # -- what a task is: the parameter names used for redaction come from the callable actually queued ----------
 
 

@@ -244,6 +244,28 @@ async def test_a_loop_run_inside_the_servers_loop(
     assert span.attributes["error.type"] == error_type
 
 
+class SyncFailed(Exception):
+    pass
+
+
+async def reraised_without_from() -> None:
+    """The app's own error raised while handling the real one: only ``__context__`` links them."""
+    try:
+        await asyncio_run_in_async_task()
+    except RuntimeError:
+        raise SyncFailed("could not sync the order")  # noqa: B904  # the mistake being diagnosed
+
+
+async def test_a_mistake_reraised_in_except_without_from_is_still_diagnosed(
+    instrument: Any, exporter: InMemorySpanExporter, errors: pytest.LogCaptureFixture
+) -> None:
+    await get(instrument(app_queueing(reraised_without_from)))
+
+    span = assert_diagnosed(exporter, errors, LOOP, "await the coroutine instead of calling asyncio.run()")
+    assert span.attributes is not None
+    assert span.attributes["error.type"] == f"{__name__}.SyncFailed"
+
+
 def in_thread(target: Callable[[], Any]) -> None:
     thread = threading.Thread(target=target)
     thread.start()
