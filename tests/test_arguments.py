@@ -248,6 +248,28 @@ async def test_an_argument_that_cannot_be_rendered_becomes_a_placeholder(
     ]
 
 
+def test_values_nested_deeper_than_four_levels_show_as_dots() -> None:
+    capture = ArgumentCapture(max_length=1000)
+    four_levels = [[[{"password": 1, "level": 4}]]]
+    (shown,), _ = capture.render(process, (four_levels,), {})
+    assert shown == "[[[{'password': '[redacted]', 'level': 4}]]]"
+    (shown,), _ = capture.render(process, ([four_levels],), {})
+    assert shown == "[[[[{...}]]]]"
+
+
+class UnreadableKey:
+    def __str__(self) -> str:
+        raise RuntimeError("a name that cannot be read")
+
+    def __repr__(self) -> str:
+        return "UnreadableKey()"
+
+
+def test_a_key_whose_name_cannot_be_read_counts_as_secret() -> None:
+    (shown,), _ = ArgumentCapture(max_length=1000).render(process, ({UnreadableKey(): "s3cret", "n": 1},), {})
+    assert shown == "{UnreadableKey(): '[redacted]', 'n': 1}"
+
+
 # -- rendering work is bounded by what is shown --------------------------------------------------------------
 
 
@@ -345,11 +367,16 @@ class DataclassReprFalse:
         return f"DataclassReprFalse({masked(self.dsn)!r})"
 
 
+# The recursion guard dataclasses itself puts around the repr it generates: its own on Python 3.10-3.12, reprlib's on
+# 3.13. A hand-written repr under it is still hand-written.
+RECURSION_GUARD: Any = getattr(dataclasses, "_recursive_repr", None) or reprlib.recursive_repr()
+
+
 @dataclasses.dataclass
-class DataclassGuardedRepr:  # the recursion guard dataclasses itself puts around the repr it generates
+class DataclassGuardedRepr:
     dsn: str
 
-    @reprlib.recursive_repr()
+    @RECURSION_GUARD
     def __repr__(self) -> str:
         return f"DataclassGuardedRepr({masked(self.dsn)!r})"
 
@@ -488,15 +515,21 @@ async def test_a_request_is_described_not_walked(
     @app.get("/items/{item_id}")
     async def route(item_id: int, request: Request, background_tasks: BackgroundTasks) -> dict[str, int]:
         background_tasks.add_task(process, request, note={"request": request})
+        # Starlette's containers print every item in their own reprs: walked instead, so that keys redact.
+        background_tasks.add_task(process, request.headers, note=request.query_params)
         return {"item_id": item_id}
 
     otel_bgtasks.instrument(tracer_provider=tracer_provider, capture_args=True, capture_args_max_length=10_000)
-    await request(app, "GET", "/items/7?token=tk-42", headers={"X-Upstream": "up-43"})
+    await request(app, "GET", "/items/7?token=tk-42&page=2", headers={"X-Upstream": "up-43", "X-Auth-Key": "key-44"})
 
-    (span,) = task_spans(exporter)
-    assert span.attributes is not None
-    assert span.attributes["background_task.args"] == ("<Request GET /items/7>",)
-    assert span.attributes["background_task.kwargs"] == ("note={'request': <Request GET /items/7>}",)
+    described, walked = task_spans(exporter)
+    assert described.attributes is not None and walked.attributes is not None
+    assert described.attributes["background_task.args"] == ("<Request GET /items/7>",)
+    assert described.attributes["background_task.kwargs"] == ("note={'request': <Request GET /items/7>}",)
+    (headers,) = walked.attributes["background_task.args"]  # type: ignore[misc]
+    assert headers.startswith("Headers({'host': 'test', ") and "'x-auth-key': '[redacted]'" in headers
+    assert walked.attributes["background_task.kwargs"] == ("note=QueryParams({'token': '[redacted]', 'page': '2'})",)
+    assert "key-44" not in headers and "tk-42" not in repr(walked.attributes)
 
 
 def test_a_websocket_and_a_bare_connection_are_described() -> None:

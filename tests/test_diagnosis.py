@@ -41,6 +41,7 @@ from pydantic import BaseModel
 from sqlalchemy import Engine, ForeignKey, String, create_engine, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+from sqlalchemy.orm.exc import DetachedInstanceError
 from sqlalchemy.pool import NullPool
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
@@ -768,6 +769,14 @@ def test_diagnose_never_raises_and_follows_chains() -> None:
             raise ValueError("bad input") from None
     except ValueError as hidden:
         assert diagnose(hidden) is None  # ``from None``: the code said the context is not the cause
+
+
+def test_a_subclass_of_a_known_exception_is_diagnosed() -> None:
+    class StaleRow(DetachedInstanceError):  # an app's own refinement of SQLAlchemy's error
+        pass
+
+    found = diagnose(StaleRow("Instance <Order> is not bound"))
+    assert found is not None and found.value == "session_outside_request"
 
 
 async def test_the_hint_reaches_sentry(

@@ -222,6 +222,22 @@ def test_seconds_are_read_from_the_environment(option: str, default: float | Non
     assert getattr(resolve({option: 7}, {variable: "2.5"}), option) == 7.0
 
 
+def test_other_options_refuse_what_they_cannot_use(caplog: pytest.LogCaptureFixture) -> None:
+    assert resolve({"capture_args_max_length": 16}).capture_args_max_length == 16
+    with pytest.raises(ValueError, match="capture_args_max_length must be a whole number of characters >= 16, got 15"):
+        resolve({"capture_args_max_length": 15})
+    with pytest.raises(ValueError, match=r"capture_args_max_length .* got True"):
+        resolve({"capture_args_max_length": True})
+    assert resolve({"sentry": "auto"}).sentry == "auto"
+    assert resolve({}, {"OTEL_PYTHON_BGTASKS_SENTRY": " AUTO "}).sentry == "auto"
+    assert resolve({}, {"OTEL_PYTHON_BGTASKS_SENTRY": "off"}).sentry is False
+    with pytest.raises(ValueError, match="sentry must be 'auto', true or false, got 'maybe'"):
+        resolve({"sentry": "maybe"})
+    with caplog.at_level(logging.WARNING, logger="otel_bgtasks"):
+        assert resolve({}, {"OTEL_PYTHON_BGTASKS_CAPTURE_ARGS_MAX_LENGTH": "8"}) == Options()
+    assert "Ignoring OTEL_PYTHON_BGTASKS_CAPTURE_ARGS_MAX_LENGTH='8'" in caplog.text
+
+
 async def test_internal_failure_never_reaches_the_task(
     tracer_provider: TracerProvider, caplog: pytest.LogCaptureFixture, fresh_guard: None
 ) -> None:
