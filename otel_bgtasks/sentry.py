@@ -6,8 +6,8 @@ integration. Here each failure becomes one event that names the task and carries
 trace and span ids; every other Sentry event for the same exception (the ASGI integration, the
 logging integration, Starlette's "Caught handled exception" wrapper) is dropped.
 
-sentry-sdk is optional (``pip install otel_bgtasks[sentry]``) and only imported once a failure is
-forwarded or ``sentry=True`` is asked for.
+sentry-sdk is optional (``pip install 'otel_bgtasks[sentry]'``, or ``pip install -e '.[sentry]'`` from a
+clone of the repository) and only imported once a failure is forwarded or ``sentry=True`` is asked for.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span
 
 from otel_bgtasks.arguments import ArgumentCapture
+from otel_bgtasks.install import pip_install
 from otel_bgtasks.listeners import TaskListener
 from otel_bgtasks.task_state import TaskRun
 
@@ -48,7 +49,7 @@ class SentryForwarder(TaskListener):
         if sentry is True and not sentry_installed():
             raise ImportError(
                 "otel_bgtasks was asked to forward failures to Sentry (sentry=True) but sentry-sdk is not "
-                "installed: pip install 'otel_bgtasks[sentry]', or pass sentry='auto' or False."
+                f"installed: {pip_install('sentry')}; or pass sentry='auto' or False."
             )
         self._auto = sentry == "auto"
         self._arguments = arguments
