@@ -5,8 +5,10 @@ An application that configures no logging sees otel_bgtasks' hints ("Skipped 1 b
 finds no handler. Under ``opentelemetry-instrument``, opentelemetry-instrumentation-logging (0.66b1 on;
 the SDK's own handler with ``OTEL_PYTHON_LOGGING_AUTO_INSTRUMENTATION_ENABLED=true``) puts a handler on the
 root logger that sends records to the logs pipeline: ``lastResort`` is then never asked, and with
-``--logs_exporter none`` the hints go nowhere. That handler is telemetry plumbing, not the application
-deciding where its logs go.
+``--logs_exporter none`` the hints go nowhere. uvicorn changes nothing here: its logging config gives its
+own loggers (``uvicorn``, ``uvicorn.access``) their handlers and leaves the root logger and ours alone
+(``disable_existing_loggers`` false). That root handler is telemetry plumbing, not the application deciding
+where its logs go.
 
 So the ``otel_bgtasks`` logger gets :class:`LastResort` while otel_bgtasks is instrumented: it does what
 ``lastResort`` does (the same handler, so the same format, level and stream, and ``logging.lastResort =
