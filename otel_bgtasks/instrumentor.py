@@ -14,7 +14,7 @@ from opentelemetry.instrumentation.utils import unwrap
 from opentelemetry.trace import NoOpTracerProvider
 from wrapt import register_post_import_hook, wrap_function_wrapper
 
-from otel_bgtasks import request_metrics
+from otel_bgtasks import last_resort, request_metrics
 from otel_bgtasks.arguments import ArgumentCapture
 from otel_bgtasks.config import Options, differences, resolve
 from otel_bgtasks.contrib_fastapi import CONTRIB, ContribFastAPICoordinator, contrib_original_call
@@ -163,6 +163,7 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
     def _instrument(self, **kwargs: Any) -> None:
         from starlette import background
 
+        last_resort.install()  # first: resolving the options may warn
         tracer_provider = kwargs.pop("tracer_provider", None)
         meter_provider = kwargs.pop("meter_provider", None)
         options = resolve({k: v for k, v in kwargs.items() if k not in _BASE_INSTRUMENTOR_ARGUMENTS})
@@ -231,3 +232,4 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
         self._options = None
         self._providers = (None, None)
         self._stand_in = None
+        last_resort.remove()

@@ -9,8 +9,8 @@ wrapper) is dropped, and so are otel_bgtasks' own ERROR records (the forwarded e
 say). An app's own, different exception raised while a task failure propagates (translated by a
 middleware, a failing cleanup in an ``except``) is the app's and goes through, as uninstrumented.
 
-sentry-sdk is optional (``pip install otel_bgtasks[sentry]``) and only imported once a failure is
-forwarded or ``sentry=True`` is asked for.
+sentry-sdk is optional (``pip install 'otel_bgtasks[sentry]'``, or ``pip install -e '.[sentry]'`` from a
+clone of the repository) and only imported once a failure is forwarded or ``sentry=True`` is asked for.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from opentelemetry.trace import Span
 
 from otel_bgtasks import listeners
 from otel_bgtasks.arguments import ArgumentCapture
+from otel_bgtasks.install import pip_install
 from otel_bgtasks.listeners import TaskListener
 from otel_bgtasks.naming import MAX_LISTED
 from otel_bgtasks.task_state import TaskRun, TaskState
@@ -56,7 +57,7 @@ class SentryForwarder(TaskListener):
         if sentry is True and not sentry_installed():
             raise ImportError(
                 "otel_bgtasks was asked to forward failures to Sentry (sentry=True) but sentry-sdk is not "
-                "installed: pip install 'otel_bgtasks[sentry]', or pass sentry='auto' or False."
+                f"installed: {pip_install('sentry')}; or pass sentry='auto' or False."
             )
         self._auto = sentry == "auto"
         self._arguments = arguments

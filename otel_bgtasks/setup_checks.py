@@ -15,12 +15,14 @@ from collections.abc import Callable
 from opentelemetry import trace
 from opentelemetry.context import Context
 
+from otel_bgtasks.install import pip_install
+
 _logger = logging.getLogger("otel_bgtasks")
 
 NO_SDK = (
     "No OpenTelemetry SDK is set up: the global tracer provider is still the API's default, so every span, "
     "background tasks' included, goes nowhere. Under opentelemetry-instrument, look above for 'Failed to auto "
-    "initialize OpenTelemetry' (a missing exporter: pip install 'otel_bgtasks[zero-code]', or pass "
+    f"initialize OpenTelemetry' (a missing exporter: {pip_install('zero-code')}; or pass "
     "--traces_exporter/--metrics_exporter/--logs_exporter); in code, call "
     "opentelemetry.trace.set_tracer_provider(TracerProvider(...)) before the first request, or pass "
     "tracer_provider= to otel_bgtasks.instrument()."
@@ -31,7 +33,7 @@ NO_REQUEST_SPAN = (
     "otel_bgtasks.instrument(app), which adds request spans; under opentelemetry-instrument, install the "
     "instrumentation of the framework: pip install 'opentelemetry-instrumentation-starlette>=0.55b0' (older "
     "releases declare Starlette 0.13 only, and opentelemetry-instrument skips them) or "
-    "opentelemetry-instrumentation-fastapi; pip install 'otel_bgtasks[zero-code]' brings both."
+    f"opentelemetry-instrumentation-fastapi; {pip_install('zero-code')} brings both."
 )
 
 _lock = threading.Lock()

@@ -28,13 +28,13 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
-from starlette import background as _background
 
 from otel_bgtasks import listeners, semconv, setup_checks
 from otel_bgtasks.arguments import ArgumentCapture
 from otel_bgtasks.config import Options
 from otel_bgtasks.diagnosis import Diagnosis, diagnose, handed_over_session, misuse, warn_handed_over_session
 from otel_bgtasks.guard import capture_internal_exceptions, internal_error
+from otel_bgtasks.install import NO_STARLETTE
 from otel_bgtasks.metrics import TaskMetrics, metric_attributes
 from otel_bgtasks.mistakes import (
     BLOCKING,
@@ -58,6 +58,11 @@ from otel_bgtasks.task_state import (
     states,
 )
 from otel_bgtasks.version import __version__
+
+try:
+    from starlette import background as _background
+except ImportError as exc:  # Starlette is the app's to install (the `instruments` extra), as in contrib's packages
+    raise ImportError(NO_STARLETTE, name=exc.name) from exc
 
 _logger = logging.getLogger("otel_bgtasks")
 # Off the hot path, ``with _guard:``; on it, ``try``/``except Exception`` around internal_error(), which costs

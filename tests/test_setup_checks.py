@@ -164,7 +164,7 @@ def test_no_sdk_warns_once(tmp_path: Path, under: str) -> None:
     warnings = [line for line in completed.stderr.splitlines() if NO_SDK in line]
     assert len(warnings) == 1, completed.stderr
     assert "tracer_provider= to otel_bgtasks.instrument()" in warnings[0]
-    assert "pip install 'otel_bgtasks[zero-code]'" in warnings[0]
+    assert "pip install 'otel_bgtasks[zero-code]' (released package) or pip install -e '.[zero-code]'" in warnings[0]
     assert NO_REQUEST_SPAN not in completed.stderr  # the cause is said, not its consequence
 
 
