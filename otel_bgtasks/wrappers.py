@@ -28,13 +28,13 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
-from starlette import background as _background
 
 from otel_bgtasks import listeners, semconv, setup_checks
 from otel_bgtasks.arguments import ArgumentCapture
 from otel_bgtasks.config import Options
 from otel_bgtasks.diagnosis import Diagnosis, diagnose, handed_over_session, misuse, warn_handed_over_session
 from otel_bgtasks.guard import capture_internal_exceptions, internal_error
+from otel_bgtasks.install import NO_STARLETTE
 from otel_bgtasks.metrics import TaskMetrics, metric_attributes
 from otel_bgtasks.mistakes import (
     BLOCKING,
@@ -45,7 +45,8 @@ from otel_bgtasks.mistakes import (
     invalid_task_problem,
     report_dropped,
 )
-from otel_bgtasks.naming import FunctionNames, describe, error_type, safe_str
+from otel_bgtasks.naming import FunctionNames, describe, error_type, listing, safe_str
+from otel_bgtasks.request_metrics import response_complete
 from otel_bgtasks.setup_checks import check_first_task
 from otel_bgtasks.task_state import (
     TaskRun,
@@ -57,6 +58,11 @@ from otel_bgtasks.task_state import (
     states,
 )
 from otel_bgtasks.version import __version__
+
+try:
+    from starlette import background as _background
+except ImportError as exc:  # Starlette is the app's to install (the `instruments` extra), as in contrib's packages
+    raise ImportError(NO_STARLETTE, name=exc.name) from exc
 
 _logger = logging.getLogger("otel_bgtasks")
 # Off the hot path, ``with _guard:``; on it, ``try``/``except Exception`` around internal_error(), which costs
@@ -232,6 +238,7 @@ class TaskWrappers:
         task where something else wraps Starlette's ``__call__`` inside ours; ``None``: Starlette's two
         lines run here, and a sync task's trip through the thread pool is timed by :func:`_timed_hand_off`.
         """
+        response_complete()  # Starlette runs a request's tasks after its response: its metrics end here
         start_ns = time_ns()
         options = self._options
         is_async: bool = task.is_async
@@ -335,7 +342,7 @@ class TaskWrappers:
             and (timings is None or timings.returned is None)
         ):
             owned = span is not parent
-            self._succeeded(span, owned, token, start_ns, state.names, execution, blocking_max, timings)
+            self._succeeded(span, owned, token, context, start_ns, state.names, execution, blocking_max, timings)
             return result
         # Something to judge or to tell: a timeout, a blocked loop, a listener, a body that never ran.
         scope = scopes[0] if scopes else None
@@ -395,6 +402,7 @@ class TaskWrappers:
         span: Span,
         owned: bool,
         token: object,
+        context: Context,
         start_ns: int,
         names: FunctionNames,
         execution: str,
@@ -404,6 +412,7 @@ class TaskWrappers:
         """End a task that succeeded with nothing to judge or tell: :meth:`_end` for the common case, shorter.
 
         ``owned``: the span is the task's own, not upstream's non-recording one (nothing to annotate or end).
+        ``context``: the one attached while the task ran, for the histograms' exemplars.
         ``longest``: its longest hold of the event loop, if it was timed.
         """
         end_ns = time_ns()
@@ -420,7 +429,8 @@ class TaskWrappers:
         except Exception as exc:
             internal_error(exc)
         try:
-            self._record_metrics(names, execution, semconv.OUTCOME_SUCCESS, None, (end_ns - start_ns) / 1e9, wait)
+            duration = (end_ns - start_ns) / 1e9
+            self._record_metrics(names, execution, semconv.OUTCOME_SUCCESS, None, duration, wait, context)
         except Exception as exc:
             internal_error(exc)
 
@@ -489,7 +499,8 @@ class TaskWrappers:
                 run.span.end(end_ns)
         with _guard:
             error_name = None if run.error is None else error_type(run.error)
-            self._record_metrics(run.names, run.execution, run.outcome, error_name, duration, run.threadpool_wait)
+            wait = run.threadpool_wait
+            self._record_metrics(run.names, run.execution, run.outcome, error_name, duration, wait, _task_context(run))
             if run.blocking_max is not None:
                 self._warn_if_blocking(run)
 
@@ -518,13 +529,18 @@ class TaskWrappers:
         error_name: str | None,
         duration: float,
         wait: float | None,
+        context: Context,
     ) -> None:
-        """The end of a run in the counts and histograms: every run's, whichever way it ended."""
+        """The end of a run in the counts and histograms: every run's, whichever way it ended.
+
+        ``context`` has the task's span current: exemplars name the task span (and there are none when the
+        task was not sampled), although the task's context is no longer attached.
+        """
         task_metrics = self._metrics
         task_metrics.ended(names.function_name, execution, outcome)
-        task_metrics.duration.record(duration, _metric_attributes(names, execution, outcome, error_name))
+        task_metrics.record_duration(duration, _metric_attributes(names, execution, outcome, error_name), context)
         if wait is not None:
-            task_metrics.threadpool_wait.record(wait, _metric_attributes(names, execution, None, None))
+            task_metrics.record_wait(wait, _metric_attributes(names, execution, None, None), context)
 
     def _classify(self, run: TaskRun, exc: BaseException | None, duration: float) -> tuple[str, BaseException | None]:
         """The outcome, and the error to report (``None`` for success and cancellation)."""
@@ -581,7 +597,11 @@ class TaskWrappers:
             return
         if len(self._warned_blocking) < 4096:
             self._warned_blocking.add(name)
-        _logger.warning(BLOCKING, name, run.blocking_max)
+        token = otel_context.attach(_task_context(run))  # the record is the task's, as the failure's is
+        try:
+            _logger.warning(BLOCKING, name, run.blocking_max)
+        finally:
+            otel_context.detach(token)
 
     # -- the thread-pool hand-off of sync tasks ----------------------------------------------------
 
@@ -727,7 +747,7 @@ class TaskWrappers:
                 "Skipped %d background task(s) because their BackgroundTasks was cancelled before they ran "
                 "(the server shutting down, or the client's connection closing): %s.",
                 len(skipped),
-                ", ".join(skipped),
+                listing(skipped),
             )
         elif skipped:
             _logger.warning(
@@ -735,7 +755,7 @@ class TaskWrappers:
                 "To run them anyway, pass continue_on_error=True to otel_bgtasks.instrument(), or set "
                 "OTEL_PYTHON_BGTASKS_CONTINUE_ON_ERROR=true.",
                 len(skipped),
-                ", ".join(skipped),
+                listing(skipped),
             )
         return skipped
 
@@ -998,43 +1018,101 @@ def _record_exception(span: Span, error: BaseException, message: str, timestamp:
         )
 
 
+# Bounds of the exception's message in the ERROR line: the whole message is on the span and in the traceback.
+_MESSAGE_MAX: Final = 200
+
+
 def _log_failure(run: TaskRun, error: BaseException) -> None:
     """One ERROR record per failed task, so failures show up even with no tracing backend.
 
-    The record is made by hand so that its ``otelTraceID``/``otelSpanID`` are the task's, also where
-    OpenTelemetry's logging instrumentation already set them (to whatever span is current now): logging
-    refuses an ``extra=`` that overwrites a field, and would drop the whole record.
+    Logged with the task span's context current, whenever the report comes (after the task's own context
+    was detached, or once its ``BackgroundTasks`` knows which tasks it left unrun): the SDK's
+    ``LoggingHandler`` gives the exported record the current span's trace and span id, and the logging
+    instrumentation's record factory its ``otelTraceID``/``otelSpanID``. The record is made by hand, at
+    the task's own location, and its fields are set here too: logging refuses an ``extra=`` that
+    overwrites a field, and would drop the whole record.
     """
     if not _logger.isEnabledFor(logging.ERROR):
         return
     span_context = run.span.get_span_context()
-    trace_id = trace.format_trace_id(span_context.trace_id)
-    span_id = trace.format_span_id(span_context.span_id)
     diagnosis = run.diagnosis
-    record = _logger.makeRecord(
-        _logger.name,
-        logging.ERROR,
-        __file__,
-        0,
-        "Background task %s failed (%s): %s [trace_id=%s span_id=%s]%s",
-        (
-            run.names.function_name,
-            run.outcome,
-            error_type(error),
-            trace_id,
-            span_id,
-            "" if diagnosis is None else f" Hint: {diagnosis.hint}",  # the fix, in the one line people read
-        ),
-        (type(error), error, error.__traceback__),
-        "_log_failure",
+    path, line, function = _failure_site(run, error)
+    # A span that is no trace (a no-op tracer, no SDK): no all-zero ids that look like one.
+    ids = (
+        f"trace_id={trace.format_trace_id(span_context.trace_id)} span_id={trace.format_span_id(span_context.span_id)}"
+        if span_context.is_valid
+        else "no trace"
     )
-    record.otelTraceID = trace_id
-    record.otelSpanID = span_id
-    record.otelTraceSampled = span_context.trace_flags.sampled
-    record.background_task = run.names.function_name
-    if diagnosis is not None:
-        setattr(record, semconv.DIAGNOSIS, diagnosis.value)
-    _logger.handle(record)
+    token = otel_context.attach(_task_context(run))
+    try:
+        record = _logger.makeRecord(
+            _logger.name,
+            logging.ERROR,
+            path,
+            line,
+            "Background task %s failed (%s): %s [%s]%s",
+            (
+                run.names.function_name,
+                run.outcome,
+                _one_line(error),
+                ids,
+                "" if diagnosis is None else f" Hint: {diagnosis.hint}",  # the fix, in the one line people read
+            ),
+            (type(error), error, error.__traceback__),
+            function,
+        )
+        if span_context.is_valid:
+            record.otelTraceID = trace.format_trace_id(span_context.trace_id)
+            record.otelSpanID = trace.format_span_id(span_context.span_id)
+            record.otelTraceSampled = span_context.trace_flags.sampled
+        record.background_task = run.names.function_name
+        if diagnosis is not None:
+            setattr(record, semconv.DIAGNOSIS, diagnosis.value)
+        _logger.handle(record)
+    finally:
+        otel_context.detach(token)
+
+
+def _task_context(run: TaskRun) -> Context:
+    """The task's context, its span current: what was attached while it ran, made again once it has ended."""
+    return trace.set_span_in_context(run.span, run.state.context)
+
+
+def _one_line(error: BaseException) -> str:
+    """``Type: message``, the message on one line and bounded (the traceback has all of it)."""
+    message = " ".join(safe_str(error).split())
+    if len(message) > _MESSAGE_MAX:
+        message = message[: _MESSAGE_MAX - 1].rstrip() + "…"
+    name = error_type(error)
+    return f"{name}: {message}" if message else name
+
+
+def _failure_site(run: TaskRun, error: BaseException) -> tuple[str, int, str]:
+    """Where the ERROR record says it comes from: (path, line, function).
+
+    The task function's line that raised, found in the traceback; else where the task function is defined
+    (a timeout, raised around it); else where the task was created; else where the exception was raised.
+    """
+    names = run.names
+    path = names.attributes.get(semconv.CODE_FILE_PATH)
+    first_line = names.attributes.get(semconv.CODE_LINE_NUMBER)
+    has_code = isinstance(path, str) and isinstance(first_line, int)
+    deepest = None
+    traceback_ = error.__traceback__
+    while traceback_ is not None:
+        code = traceback_.tb_frame.f_code
+        if has_code and code.co_filename == path and code.co_firstlineno == first_line:
+            return code.co_filename, traceback_.tb_lineno, names.qualname
+        deepest = traceback_
+        traceback_ = traceback_.tb_next
+    if isinstance(path, str) and isinstance(first_line, int):
+        return path, first_line, names.qualname
+    if run.state.where is not None:
+        return run.state.where[0], run.state.where[1], names.qualname
+    if deepest is not None:
+        code = deepest.tb_frame.f_code
+        return code.co_filename, deepest.tb_lineno, code.co_name
+    return "<unknown>", 0, names.qualname
 
 
 def _leaves(tasks: Iterable[Any]) -> Iterator[Any]:
