@@ -144,6 +144,9 @@ async def test_the_exported_error_record_carries_the_task_spans_ids(
     assert f"Background task {__name__}.fail failed (error): ValueError: no stock" in str(record.body)
     assert (record.trace_id, record.span_id) == ids(task)
     assert record.trace_flags is not None and record.trace_flags.sampled
+    # The tasks left unrun are the request's: so is the WARNING that names them (README, Logs).
+    skipped = [log.log_record for log in exported_logs.get_finished_logs() if "Skipped" in str(log.log_record.body)]
+    assert [(w.trace_id, w.span_id) for w in skipped] == ([] if lone else [ids(request)])
 
 
 async def test_the_blocked_event_loop_warning_carries_the_task_spans_ids(
