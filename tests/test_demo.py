@@ -127,7 +127,10 @@ def test_without_the_demo_extra_the_command_says_what_to_install(argv: list[str]
     )
     assert result.returncode == 2, result.stdout + result.stderr
     # rich.<module>: the first of rich's modules the command imports.
-    expected = r"otel-bgtasks needs the demo extra \(rich\.\w+ is missing\): pip install 'otel_bgtasks\[demo\]'\n"
+    expected = (
+        r"otel-bgtasks needs the demo extra \(rich\.\w+ is missing\): pip install 'otel_bgtasks\[demo\]' "
+        r"\(released package\) or pip install -e '\.\[demo\]' \(from a clone\)\n"
+    )
     assert re.fullmatch(expected, result.stderr), result.stderr
 
 
