@@ -15,6 +15,7 @@ import wrapt
 from fastapi import FastAPI
 from fastapi import background as fastapi_background
 from opentelemetry import trace
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -100,6 +101,8 @@ def patch_state() -> dict[str, Any]:
         # instrument_app() to withdraw the request spans instrument(app) added before it.
         "FastAPIInstrumentor.instrument_app": vars(FastAPIInstrumentor)["instrument_app"],
         "FastAPIInstrumentor.uninstrument_app": vars(FastAPIInstrumentor)["uninstrument_app"],
+        # Request metrics that end with the response: proxies on each new middleware's instruments.
+        "OpenTelemetryMiddleware.__init__": vars(OpenTelemetryMiddleware)["__init__"],
     }
 
 

@@ -205,12 +205,19 @@ def requirements_of(extras: set[str]) -> list[Requirement]:
 
 
 def assert_installed(step: str) -> None:
-    """A ``pip install`` of the project: every extra it names exists, and all they require is installed."""
+    """A ``pip install`` of the project: every extra it names exists, and all they require is installed.
+
+    All but the ``dev`` extra's lint and typing tools, which only .ci/run's newest-releases environment has.
+    """
     match = _PROJECT_EXTRAS.search(step)
     if match is None:
         assert step == "pip install -U pip", f"a set-up step this test does not know: {step}"
         return
-    for requirement in requirements_of(set(match.group(1).split(","))):
+    extras = set(match.group(1).split(","))
+    if "dev" in extras:
+        requirements_of(extras)  # it exists
+        extras = (extras - {"dev"}) | {"test"}
+    for requirement in requirements_of(extras):
         try:
             installed = version(requirement.name)
         except PackageNotFoundError:
@@ -380,9 +387,8 @@ def environment() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "FASTAPI_OTEL_", "SENTRY_"))}
     env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])
     env["PYTHONPATH"] = str(REPO)
-    # The test extra installs opentelemetry-instrumentation-logging (for the log-correlation tests), the README
-    # does not: loaded here, it would route every WARNING to the OTel logs pipeline ("none") instead of stderr.
-    env["OTEL_PYTHON_DISABLED_INSTRUMENTATIONS"] = "logging"
+    # opentelemetry-instrumentation-logging (of the test extra) stays on: its handler on the root logger sends
+    # records to the logs pipeline, and otel_bgtasks' hints must reach the terminal all the same.
     return env
 
 
@@ -482,6 +488,21 @@ def console_trees(ran: Ran) -> Trees:
     return Trees(console_spans(ran.stdout), ran.output)
 
 
+# otel_bgtasks' hints for POST /order (wrappers.py), printed on stderr next to the spans.
+ORDER_HINTS = (
+    "Background task otel_bgtasks.cli.demo_app.charge_card failed (error): "
+    "otel_bgtasks.cli.demo_app.PaymentDeclinedError",
+    "Skipped 1 background task(s) because an earlier task in the same BackgroundTasks failed: "
+    "otel_bgtasks.cli.demo_app.send_receipt.",
+)
+
+
+def assert_order_hints(ran: Ran) -> None:
+    """Each hint once, on stderr: printed, and not twice (lastResort and ours)."""
+    for hint in ORDER_HINTS:
+        assert ran.stderr.count(hint) == 1, f"{hint!r} not printed once:\n{ran.output}"
+
+
 def check_fastapi_example(ran: Ran, received: Received) -> None:
     trees = console_trees(ran)
     request = trees.request("/order")
@@ -491,6 +512,21 @@ def check_fastapi_example(ran: Ran, received: Received) -> None:
     assert charge.attributes["error.type"] == "otel_bgtasks.cli.demo_app.PaymentDeclinedError"
     assert receipt.attributes["background_task.outcome"] == "skipped"
     assert ran.replies == ['{"status":"order received"}']
+    assert_order_hints(ran)
+
+
+def check_zero_code_example(ran: Ran, received: Received) -> None:
+    check_fastapi_example(ran, received)  # the same routes, traced with no otel_bgtasks line in the app
+    trees = console_trees(ran)
+    request = trees.request("/order")
+    assert request.attributes.get("http.route") == "/order", request  # opentelemetry-instrumentation-fastapi's
+    # The lifespan's set-up queries are one trace under one span, not a trace each.
+    setup = [span for span in trees.spans if span.name == "demo database set-up"]
+    assert len(setup) == 1 and setup[0].parent_id is None, trees.names()
+    orphans = [s.name for s in trees.spans if s.kind == "CLIENT" and s.parent_id is None]
+    assert not orphans, orphans
+    queries = [s for s in trees.spans if s.trace_id == setup[0].trace_id and s is not setup[0]]
+    assert queries and all(trees.under(s, setup[0]) for s in queries), trees.names()
 
 
 def check_starlette_example(ran: Ran, received: Received) -> None:
@@ -555,6 +591,7 @@ def check_watch(ran: Ran, received: Received) -> None:
         "BackgroundTask send_receipt  ⏭ skipped",
     ):
         assert expected in ran.stdout, ran.output
+    assert_order_hints(ran)  # the watched app's stderr, passed through
     assert "Stopping reloader process" in ran.stderr, ran.output  # stopped by the one SIGINT, as by Ctrl+C
 
 
@@ -577,6 +614,7 @@ Check = Callable[[Ran, Received], None]
 _CONSOLE = "opentelemetry-instrument --traces_exporter console --metrics_exporter none --logs_exporter none uvicorn"
 SERVERS: dict[str, tuple[str | None, Check]] = {
     f"{_CONSOLE} examples.fastapi_app:app": (None, check_fastapi_example),
+    f"{_CONSOLE} examples.zero_code_app:app": ("curl -X POST localhost:8000/order", check_zero_code_example),
     f"{_CONSOLE} examples.starlette_app:app": (None, check_starlette_example),
     f"{_CONSOLE} examples.database:app": (None, check_database_example),
     "OTEL_PYTHON_BGTASKS_MODE=link opentelemetry-instrument uvicorn myapp:app   # options from the environment": (
@@ -587,7 +625,7 @@ SERVERS: dict[str, tuple[str | None, Check]] = {
         "curl -X POST 'localhost:8000/signup?address=off'",
         check_disabled,
     ),
-    "otel-bgtasks watch -- uvicorn examples.fastapi_app:app --reload": (
+    "otel-bgtasks watch -- uvicorn examples.zero_code_app:app --reload": (
         "curl -X POST localhost:8000/order",
         check_watch,
     ),
@@ -684,12 +722,62 @@ def test_every_command_is_run_or_listed() -> None:
 
 
 def test_readme_shows_the_zero_code_install() -> None:
-    installs = [entry.command for entry in shown_commands().values() if entry.where[0] == "README.md"]
+    shown = shown_commands().values()
+    installs = [entry.command.split("#")[0].strip() for entry in shown if "README.md" in entry.where]
     assert "pip install 'otel_bgtasks[zero-code]'" in installs
+    assert "pip install -e '.[zero-code]'" in installs
     assert {r.name for r in requirements_of({"zero-code"})} >= {
         "opentelemetry-distro",
         "opentelemetry-instrumentation-starlette",
     }
+
+
+def test_zero_code_extra_leads_the_resolver() -> None:
+    """pip (25.1 on) resolves upper-bounded requirements first, which -starlette alone of the contrib packages has.
+
+    Each contrib package pins its own release of opentelemetry-instrumentation, and -starlette often lags a
+    patch release behind the others: resolved first, it fixes the release for them, and pip goes straight to a
+    consistent set (without, it tried 31 older -starlette releases first).
+    """
+    requirements = requirements_of({"demo"})
+    upper_bounded = {
+        r.name
+        for r in requirements
+        if r.name.startswith("opentelemetry-") and any(s.operator in ("<", "<=", "~=") for s in r.specifier)
+    }
+    assert upper_bounded == {"opentelemetry-instrumentation-starlette"}
+    assert "needs pip 25.1 or newer" in (REPO / "README.md").read_text()
+
+
+_RELEASED = re.compile(r"^pip install '(otel_bgtasks\[[a-z,-]+\])'\s+# (.+)$")
+_CLONE = re.compile(r"^pip install -e '\.(\[[a-z,-]+\])'\s+# (.+)$")
+
+
+def test_every_install_line_has_both_forms_labelled() -> None:
+    """Until the package is on PyPI, its released form fails in a fresh environment: the clone's is next to it."""
+    for where, lines in shell_blocks():
+        released = {m.group(1).removeprefix("otel_bgtasks"): m.group(2) for m in map(_RELEASED.match, lines) if m}
+        clone = {m.group(1): m.group(2) for m in map(_CLONE.match, lines) if m}
+        bare = [line for line in lines if "pip install 'otel_bgtasks[" in line and not _RELEASED.match(line)]
+        assert not bare, f"{where}: an install line without its label: {bare}"
+        # (Development's dev extra is for a clone only.)
+        assert released.keys() <= clone.keys(), f"{where}: released {sorted(released)}, from a clone {sorted(clone)}"
+        for label in released.values():
+            assert "released package" in label, f"{where}: {label!r}"
+        for label in clone.values():
+            assert "from a clone" in label, f"{where}: {label!r}"
+
+
+def test_zero_code_example_never_instruments() -> None:
+    """README's zero-code command shows the entry point at work: the app itself calls no instrument()."""
+    tree = ast.parse((REPO / "examples" / "zero_code_app.py").read_text())
+    called = [
+        node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+    ]
+    assert not [name for name in called if "instrument" in name.lower()], called
+    assert f"{_CONSOLE} examples.zero_code_app:app" in shown_commands()
 
 
 def _test_id(command: str) -> str:
