@@ -41,7 +41,7 @@ class Mutant:
 CONFIG = ("test_instrumentor.py", "test_arguments.py", "test_task_health.py")
 ARGS = ("test_arguments.py",)
 DIAG = ("test_diagnosis.py",)
-HEALTH = ("test_task_health.py", "test_spans.py")
+HEALTH = ("test_task_health.py", "test_spans.py", "test_correlation.py")
 
 MUTANTS = [
     # -- config.py: what the options accept
@@ -213,8 +213,8 @@ MUTANTS = [
     Mutant(
         "hot/blocked-short-path",
         "wrappers.py",
-        "and not _held_too_long(blocking_max, options.blocking_threshold):",
-        ":",
+        "            and not _held_too_long(blocking_max, options.blocking_threshold)\n",
+        "",
         HEALTH,
     ),
     Mutant(
@@ -242,8 +242,15 @@ MUTANTS = [
     Mutant(
         "hot/success-duration-ms",
         "wrappers.py",
-        "semconv.OUTCOME_SUCCESS, None, (end_ns - start_ns) / 1e9, wait)",
-        "semconv.OUTCOME_SUCCESS, None, (end_ns - start_ns) / 1e6, wait)",
+        "            duration = (end_ns - start_ns) / 1e9\n",
+        "            duration = (end_ns - start_ns) / 1e6\n",
+        HEALTH,
+    ),
+    Mutant(
+        "hot/end-duration-ms",
+        "wrappers.py",
+        "duration = (end_ns - run.start_ns) / 1e9",
+        "duration = (end_ns - run.start_ns) / 1e6",
         HEALTH,
     ),
     Mutant(
