@@ -60,7 +60,8 @@ sed -e "s|/etc/prometheus/rules/background-tasks.rules.yml|$config/background-ta
     --web.listen-address="127.0.0.1:$prometheus_port" >"$work/prometheus.log" 2>&1 &
 pids+=($!)
 
-"$bin/jaeger" --config="$config/jaeger.yaml" \
+# Jaeger traces its own queries to the OTLP default, localhost:4317: in its container, its own receiver.
+OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:$jaeger_otlp_grpc" "$bin/jaeger" --config="$config/jaeger.yaml" \
     --set=receivers.otlp.protocols.grpc.endpoint="127.0.0.1:$jaeger_otlp_grpc" \
     --set=receivers.otlp.protocols.http.endpoint="127.0.0.1:$jaeger_otlp_http" \
     --set=extensions.jaeger_query.http.endpoint="127.0.0.1:$jaeger_ui" \
