@@ -473,6 +473,39 @@ def assert_failed_charge(charge: JaegerSpan) -> None:
     assert "in charge_card" in exception["exception.stacktrace"]
 
 
+# -- 0. The programs are the releases docker-compose.yml pins ----------------------------------------
+
+
+def compose_tag(service: str) -> str:
+    image = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"][service]["image"]
+    return str(image).rsplit(":", 1)[1]
+
+
+def test_programs_are_the_releases_compose_pins(binaries: Binaries) -> None:
+    def first_line(*argv: str) -> str:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True)
+        return (done.stdout + done.stderr).splitlines()[0]
+
+    assert first_line(str(binaries.otelcol), "--version") == f"otelcol version {compose_tag('otel-collector')}"
+    assert f"git-version=v{compose_tag('jaeger')}," in first_line(str(binaries.jaeger), "version")
+    # "prometheus, version 2.42.0+ds (branch: debian/sid, ...)" for the image prom/prometheus:v2.42.0
+    version = re.match(r"prometheus, version (\d+\.\d+\.\d+)", first_line(str(binaries.prometheus), "--version"))
+    assert version is not None and f"v{version.group(1)}" == compose_tag("prometheus")
+    if shutil.which("go") is None:
+        return  # the modules compiled in, as Go records them in the binary: only with a go command
+    modules = subprocess.run(["go", "version", "-m", str(binaries.otelcol)], capture_output=True, text=True, check=True)
+    collector = re.findall(
+        r"^\s+dep\s+(go\.opentelemetry\.io/collector\S*|github\.com/open-telemetry/opentelemetry-collector-contrib/\S+)"
+        r"\s+(\S+)",
+        modules.stdout,
+        re.MULTILINE,
+    )
+    assert len(collector) > 50
+    assert {version for module, version in collector if not module.endswith("/semconv")} == {"v0.139.0", "v1.45.0"}
+    jaeger = subprocess.run(["go", "version", "-m", str(binaries.jaeger)], capture_output=True, text=True, check=True)
+    assert re.search(r"^\s+mod\s+github\.com/jaegertracing/jaeger\s+v1\.75\.0\s", jaeger.stdout, re.MULTILINE)
+
+
 # -- 1. Traces: app -> Collector -> Jaeger ----------------------------------------------------------
 
 
