@@ -266,7 +266,7 @@ RUNNING_KINDS = (
 # Starlette runs these as def tasks in the thread pool and drops what they return: the body never runs.
 NOT_RUN_KINDS = ("async_under_sync_wraps", "async_under_sync_plain", "static_async", "async_gen")
 # add_task given a coroutine object: Starlette fails with TypeError when it runs it.
-MISUSE_KINDS = ("coroutine", "held_coroutine")
+MISUSE_KINDS = ("coroutine", "held_coroutine", "none")
 TIMED_KINDS = ("slow",)
 ALL_KINDS = RUNNING_KINDS + NOT_RUN_KINDS + MISUSE_KINDS + TIMED_KINDS
 
@@ -322,6 +322,8 @@ def task_for(unit: Unit, tasks: Any) -> tuple[Any, tuple[Any, ...], dict[str, An
         return mock.AsyncMock(side_effect=async_job), args, kwargs
     if kind == "coroutine":
         return coro_job(*args, **kwargs), (), {}
+    if kind == "none":
+        return None, (), {}
     if kind == "held_coroutine":
         return held_job(*args, **kwargs), (), {}
     if kind == "adder":
@@ -412,6 +414,7 @@ class SeenByMiddleware:
 
     def __init__(self) -> None:
         self.events: list[Any] = []
+        self.raw: Any = None  # the partial the route appended to tasks.tasks itself
 
 
 class PureASGI:
@@ -453,7 +456,8 @@ def build_app(scenario: Scenario, seen: SeenByMiddleware, telemetry: Telemetry) 
                 held = func
             tasks.add_task(func, *args, **kwargs)
         if scenario.raw_append:
-            tasks.tasks.append(functools.partial(async_job, "raw", 0))
+            seen.raw = functools.partial(async_job, "raw", 0)
+            tasks.tasks.append(seen.raw)
         return held
 
     def single() -> BackgroundTask:
@@ -572,6 +576,7 @@ class Observed:
     unraisable: list[str] = dataclasses.field(default_factory=list)
     logs: list[tuple[str, str, str, Any]] = dataclasses.field(default_factory=list)
     sentry: list[Any] = dataclasses.field(default_factory=list)
+    raw_vars: Any = None  # vars() of the partial the route appended to tasks.tasks, after the run
     own_logs: list[str] = dataclasses.field(default_factory=list, compare=False, repr=False)
     telemetry: Telemetry | None = dataclasses.field(default=None, compare=False, repr=False)
 
@@ -601,7 +606,10 @@ def observing(observed: Observed) -> Iterator[None]:
     root = logging.getLogger()
     handler = _Records(observed)
     saved_level = root.level
-    root.addHandler(handler)
+    # Alone on the root logger: pytest's capture keeps every record, and a record's exc_info would keep the
+    # app's frames (and the coroutines they hold) alive past the arm, hiding their "never awaited" warnings.
+    saved_handlers = root.handlers[:]
+    root.handlers = [handler]
     root.setLevel(logging.DEBUG)
     own = logging.getLogger("otel_bgtasks")
     own.addHandler(handler)  # in case a test set-up stops its propagation
@@ -624,7 +632,7 @@ def observing(observed: Observed) -> Iterator[None]:
     finally:
         gc.unfreeze()
         sys.unraisablehook = saved_hook
-        root.removeHandler(handler)
+        root.handlers = saved_handlers
         own.removeHandler(handler)
         root.setLevel(saved_level)
 
@@ -722,6 +730,8 @@ def sentry_summary(event: dict[str, Any]) -> Any:
         # The root cause (Sentry lists the chain oldest first): otel_bgtasks reports a task's failure when
         # it happens, before Starlette chains it into "Caught handled exception" (one event either way).
         root = values[0]
+        if root.get("type") == "CancelledError" and len(values) > 1:  # a timeout's context: see below
+            root = values[1]
         return ("exception", (f"{root.get('module') or ''}.{root.get('type')}: {root.get('value')}",))
     return ("message", (event.get("logentry") or {}).get("message") or event.get("message"))
 
@@ -784,6 +794,7 @@ def run_arm(
         del app, inner
     observed.effects = list(EFFECTS)
     observed.middleware = seen.events
+    observed.raw_vars = sorted(vars(seen.raw)) if seen.raw is not None else None
     if sentry is not None:
         observed.sentry = sorted((sentry_summary(e) for e in sentry.events), key=repr)
     observed.telemetry = telemetry
@@ -851,14 +862,32 @@ def documented_sentry(events: list[Any]) -> list[Any]:
     return [event for event in events if event != ("exception", (_CAUGHT_HANDLED,))]
 
 
+def documented_timeout_chain(chain: Any) -> Any:
+    """An exception chain without the ``CancelledError`` a timeout's ``TimeoutError`` carries as context.
+
+    ``task_options(timeout=...)`` cancels the task and raises ``TimeoutError`` (README, Options); like
+    ``asyncio.timeout`` and anyio's ``fail_after`` its context is the cancellation it made.
+    """
+    if not isinstance(chain, list) or len(chain) < 2 or chain[0][0] != "builtins.TimeoutError":
+        return chain
+    if chain[1][0] == "asyncio.exceptions.CancelledError":
+        return [chain[0], *chain[2:]]
+    return chain
+
+
 def sentry_for_continue(reference: Observed, scenario: Scenario) -> list[Any]:
     """With continue_on_error a failure is not re-raised, so only otel_bgtasks reports it: one event each."""
     del reference
-    failing = [name for unit in scenario.units if unit.fail == "raise" for name in _failing_names(unit)]
-    return sorted(
-        (("exception", (f"{TaskFailed.__module__}.TaskFailed: {name}",)) for name in failing),
-        key=repr,
-    )
+    if scenario.delivery != "tasks":
+        return []
+    events = [
+        ("exception", (f"{TaskFailed.__module__}.TaskFailed: {name}",))
+        for unit in scenario.units
+        if unit.fail == "raise"
+        for name in _failing_names(unit)
+    ]
+    events += [("exception", (".TimeoutError: ",)) for unit in scenario.units if unit.kind == "slow" and not unit.fail]
+    return sorted(events, key=repr)
 
 
 def _failing_names(unit: Unit) -> list[str]:
@@ -893,9 +922,7 @@ def expected_outcomes(scenario: Scenario, effects: list[tuple[str, str]], contin
         stopped = False
         for name, kind in units:
             if stopped:
-                add("skipped")
-                if kind == "nested":
-                    add("dropped", 2)
+                add("skipped", 3 if kind == "nested" else 1)  # a skipped nested BackgroundTasks: its tasks too
                 continue
             if kind == "raw":  # not a BackgroundTask: run by Starlette's loop, no span of its own when it runs
                 if name not in ended:
@@ -950,6 +977,26 @@ def _unwrap_chain(func: Any) -> list[str]:
             break
         func = func.__wrapped__
     return chain[-1:]  # where the chain ends: wrapt's class-level proxies add a link, not a different end
+
+
+def probe_arm(kind: str, payload: str, instrumented: bool) -> dict[str, Any]:
+    """:func:`probe_object` of the objects made for one task kind, with what the probing warned and printed."""
+    observed = Observed()
+    telemetry = Telemetry()
+    with observing(observed):
+        if instrumented:
+            otel_bgtasks.instrument(tracer_provider=telemetry.tracer_provider, meter_provider=telemetry.meter_provider)
+        try:
+            objects = objects_for(kind, payload)
+            result: dict[str, Any] = {name: probe_object(obj) for name, obj in objects.items()}
+            close_coroutines(objects)
+            del objects
+        finally:
+            otel_bgtasks.uninstrument()
+    result["warnings"] = observed.warnings
+    result["unraisable"] = observed.unraisable
+    result["logs"] = observed.logs
+    return result
 
 
 def probe_object(obj: Any) -> dict[str, Any]:
@@ -1019,7 +1066,8 @@ def objects_for(kind: str, payload: str) -> dict[str, Any]:
 def close_coroutines(objects: dict[str, Any]) -> None:
     """The coroutine objects a probe queued never run: close them so that only the arm's own warn."""
     for obj in objects.values():
-        funcs = [obj.func] if isinstance(obj, BackgroundTask) else [t.func for t in getattr(obj, "tasks", [])]
+        tasks = [obj] if isinstance(obj, BackgroundTask) else getattr(obj, "tasks", [])
+        funcs = [getattr(task, "func", None) for task in tasks]
         for func in funcs:
             if inspect.iscoroutine(func):
                 func.close()
