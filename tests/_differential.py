@@ -769,7 +769,7 @@ def run_arm(
     EFFECTS.clear()
     if sentry is not None:
         sentry.events.clear()
-    with observing(observed), (sentry_on(sentry) if sentry is not None else _nothing()):
+    with observing(observed), sentry_on(sentry) if sentry is not None else _nothing():
         app, inner = build_app(scenario, seen, telemetry)
         if options is not None:
             served = otel_bgtasks.instrument(
@@ -1007,7 +1007,7 @@ def probe_object(obj: Any) -> dict[str, Any]:
     result["pickle"] = _attempt(lambda: sorted(vars(pickle.loads(pickle.dumps(obj)))))
     result["vars"] = sorted(vars(obj)) if hasattr(obj, "__dict__") else None
     result["iscoroutinefunction"] = inspect.iscoroutinefunction(obj)
-    result["call_iscoroutinefunction"] = inspect.iscoroutinefunction(getattr(obj, "__call__", None))
+    result["call_iscoroutinefunction"] = inspect.iscoroutinefunction(getattr(obj, "__call__", None))  # noqa: B004
     result["signature"] = _attempt(lambda: str(inspect.signature(obj)))
     cls = type(obj)
     result["class_call_signature"] = _attempt(lambda: str(inspect.signature(cls.__call__)))
