@@ -415,6 +415,7 @@ class SeenByMiddleware:
     def __init__(self) -> None:
         self.events: list[Any] = []
         self.raw: Any = None  # the partial the route appended to tasks.tasks itself
+        self.route_stack: list[str] = []  # modules of the frames the route runs under, server side up
 
 
 class PureASGI:
@@ -445,10 +446,21 @@ async def _header_dispatch(request: Request, call_next: Any) -> Response:
     return response
 
 
+def stack_modules() -> list[str]:
+    """The modules of the frames above the caller's: what the route runs under (middleware, the server)."""
+    frame = sys._getframe(2)
+    modules = []
+    while frame is not None:
+        modules.append(str(frame.f_globals.get("__name__")))
+        frame = frame.f_back
+    return modules
+
+
 def build_app(scenario: Scenario, seen: SeenByMiddleware, telemetry: Telemetry) -> tuple[Any, Any]:
     """The app to serve (stack included) and the inner Starlette/FastAPI app."""
 
     def queue(tasks: Any) -> Any:
+        seen.route_stack = stack_modules()
         held = None
         for unit in scenario.units:
             func, args, kwargs = task_for(unit, tasks)
@@ -577,6 +589,7 @@ class Observed:
     logs: list[tuple[str, str, str, Any]] = dataclasses.field(default_factory=list)
     sentry: list[Any] = dataclasses.field(default_factory=list)
     raw_vars: Any = None  # vars() of the partial the route appended to tasks.tasks, after the run
+    route_stack: list[str] = dataclasses.field(default_factory=list, compare=False)  # see stack_modules
     own_logs: list[str] = dataclasses.field(default_factory=list, compare=False, repr=False)
     telemetry: Telemetry | None = dataclasses.field(default=None, compare=False, repr=False)
 
@@ -795,6 +808,7 @@ def run_arm(
     observed.effects = list(EFFECTS)
     observed.middleware = seen.events
     observed.raw_vars = sorted(vars(seen.raw)) if seen.raw is not None else None
+    observed.route_stack = seen.route_stack
     if sentry is not None:
         observed.sentry = sorted((sentry_summary(e) for e in sentry.events), key=repr)
     observed.telemetry = telemetry
