@@ -1055,7 +1055,8 @@ def _log_failure(run: TaskRun, error: BaseException) -> None:
             (
                 run.names.function_name,
                 run.outcome,
-                _one_line(error),
+                # An error whose message is the hint (an async body that never ran): said once, in full.
+                error_type(error) if diagnosis is not None and safe_str(error) == diagnosis.hint else _one_line(error),
                 ids,
                 "" if diagnosis is None else f" Hint: {diagnosis.hint}",  # the fix, in the one line people read
             ),

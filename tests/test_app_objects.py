@@ -359,6 +359,8 @@ async def test_an_async_body_that_never_ran_is_the_add_task_mistake(
     assert outcomes(reader)[(name, "error")] == 1
     (logged,) = [r for r in caplog.records if r.getMessage().startswith("Background task")]
     assert "DiscardedCoroutineError" in logged.getMessage() and hint in logged.getMessage()
+    # The message is the hint: the line says it once and in full (not cut at 200 characters, then again).
+    assert logged.getMessage().count(hint) == 1 and "…" not in logged.getMessage()
     (record,) = [r for r in recorder.records if r.outcome == "error"]
     assert record.diagnosis == "add_task_misuse" and record.hint is not None and hint in record.hint
     assert record in recorder.problems  # what strict mode fails a test for
