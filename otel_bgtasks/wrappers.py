@@ -160,8 +160,9 @@ class TaskWrappers:
         problem = invalid_task_problem(func)
         if problem is None:
             return None
-        # Not closed now: the app may still hold it (``c = send(); add_task(c); await c``). When the task is
-        # freed it is closed if nothing else holds it (TaskState). Not settled: left unrun, it is skipped.
+        # Not closed now: the app may still hold it (``c = send(); add_task(c); await c``). When the task runs,
+        # is skipped or is freed, it is closed if nothing else holds it (close_if_unheld). Not settled: left
+        # unrun after a failure, it is skipped like any other task.
         if inspect.iscoroutine(func):
             state.coroutine = weakref.ref(func)
         state.problem = problem
@@ -1054,7 +1055,8 @@ def _log_failure(run: TaskRun, error: BaseException) -> None:
             (
                 run.names.function_name,
                 run.outcome,
-                _one_line(error),
+                # An error whose message is the hint (an async body that never ran): said once, in full.
+                error_type(error) if diagnosis is not None and safe_str(error) == diagnosis.hint else _one_line(error),
                 ids,
                 "" if diagnosis is None else f" Hint: {diagnosis.hint}",  # the fix, in the one line people read
             ),
