@@ -70,6 +70,7 @@ _logger = logging.getLogger("otel_bgtasks")
 _guard = capture_internal_exceptions()
 
 _BackgroundTask = _background.BackgroundTask
+_BackgroundTasks = _background.BackgroundTasks
 
 # A sync task's thread-pool timings, carried in the OpenTelemetry context we attach anyway, for the
 # run_in_threadpool() wrapper to find when something else wraps Starlette's __call__ inside ours.
@@ -159,8 +160,9 @@ class TaskWrappers:
         problem = invalid_task_problem(func)
         if problem is None:
             return None
-        # Not closed now: the app may still hold it (``c = send(); add_task(c); await c``). When the task is
-        # freed it is closed if nothing else holds it (TaskState). Not settled: left unrun, it is skipped.
+        # Not closed now: the app may still hold it (``c = send(); add_task(c); await c``). When the task runs,
+        # is skipped or is freed, it is closed if nothing else holds it (close_if_unheld). Not settled: left
+        # unrun after a failure, it is skipped like any other task.
         if inspect.iscoroutine(func):
             state.coroutine = weakref.ref(func)
         state.problem = problem
@@ -684,7 +686,7 @@ class TaskWrappers:
                 _number(task, index)
         skipped = self._record_skipped(unrun, cancelled, closed)
         failed = tasks[position] if position < len(tasks) else None
-        state = known_state(failed) if isinstance(failed, _BackgroundTask) else None
+        state = known_state(failed) if _is_task(failed) else None
         if state is None:
             return
         run, state.pending_report = state.pending_report, None
@@ -699,7 +701,7 @@ class TaskWrappers:
 
         Returns the ended run, to report; ``None`` if ours did run (it has reported already).
         """
-        if isinstance(task, _BackgroundTask):
+        if _is_task(task):
             state = state_of(task)
             if state.ran:
                 return None
@@ -714,7 +716,7 @@ class TaskWrappers:
         now = time_ns()
         for task in _leaves(tasks):
             with _guard:
-                if not isinstance(task, _BackgroundTask):  # appended to the list by hand: skipped all the same
+                if not _is_task(task):  # appended to the list by hand: skipped all the same
                     state = _passing_state(task)
                 else:
                     state = known_state(task) if closed else state_of(task)
@@ -825,7 +827,7 @@ def _number(task: Any, index: int) -> TaskState | None:
     """``background_task.index`` of a task in its list; what is not a ``BackgroundTask`` (appended by hand) has none."""
     state = states.get(id(task))
     if state is None:
-        if not isinstance(task, _BackgroundTask):
+        if not _is_task(task):
             return None
         state = state_of(task)
     state.index = index
@@ -842,13 +844,18 @@ def _close_unheld(state: TaskState) -> None:
         internal_error(exc)
 
 
+def _is_task(obj: object) -> bool:
+    """A ``BackgroundTask`` with a function to run (``BackgroundTasks`` subclasses it, with a list instead)."""
+    return isinstance(obj, _BackgroundTask) and not isinstance(obj, _BackgroundTasks)
+
+
 def _passing_state(entry: object) -> TaskState:
     """A state for something in a task list that is not a ``BackgroundTask``: used once, kept nowhere."""
     return TaskState(None, otel_context.get_current(), None, describe(entry))
 
 
 def _ran(task: object) -> bool:
-    state = known_state(task) if isinstance(task, _BackgroundTask) else None
+    state = known_state(task) if _is_task(task) else None
     return state is not None and state.ran
 
 
@@ -1048,7 +1055,8 @@ def _log_failure(run: TaskRun, error: BaseException) -> None:
             (
                 run.names.function_name,
                 run.outcome,
-                _one_line(error),
+                # An error whose message is the hint (an async body that never ran): said once, in full.
+                error_type(error) if diagnosis is not None and safe_str(error) == diagnosis.hint else _one_line(error),
                 ids,
                 "" if diagnosis is None else f" Hint: {diagnosis.hint}",  # the fix, in the one line people read
             ),

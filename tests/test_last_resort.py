@@ -71,7 +71,7 @@ SCRIPT = textwrap.dedent(
         print("exported:", [str(record.body).split(" because")[0].split(":")[0] for record in records])
     """
 )
-FAILED = "Background task __main__.charge_card failed (error): RuntimeError [trace_id="
+FAILED = "Background task __main__.charge_card failed (error): RuntimeError: card declined [trace_id="
 SKIPPED = (
     "Skipped 1 background task(s) because an earlier task in the same BackgroundTasks failed: __main__.send_receipt."
 )
