@@ -292,7 +292,7 @@ def run_tests(package_copy: Path, tests: tuple[str, ...], timeout: float) -> tup
     seconds = time.monotonic() - started
     if result.returncode == 0:
         return None, seconds
-    failed = [line for line in result.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    failed = [line for line in result.stdout.splitlines() if line.startswith(("FAILED tests/", "ERROR tests/"))]
     return (failed[0] if failed else result.stdout[-300:]), seconds
 
 

@@ -721,6 +721,42 @@ async def test_queue_delay_of_a_failing_subclass_with_its_own_call_is_in_seconds
     assert point.sum == span.attributes["background_task.queue.duration"]
 
 
+async def test_a_failed_or_timed_out_tasks_duration_is_in_seconds(
+    instrument: Any, reader: InMemoryMetricReader, exporter: InMemorySpanExporter
+) -> None:
+    """The end of a run with something to report (not the short success path) records seconds too."""
+    instrument()
+
+    async def fails_after_200ms() -> None:
+        await asyncio.sleep(0.2)
+        raise ValueError("no stock")
+
+    @otel_bgtasks.task_options(timeout=0.2)
+    async def hangs() -> None:
+        await asyncio.Event().wait()
+
+    with pytest.raises(ValueError):
+        await BackgroundTask(fails_after_200ms)()
+    with pytest.raises(TimeoutError):
+        await BackgroundTask(hangs)()
+
+    # Only this test's two: a task an earlier test left unrun may be reported as it is freed, at any time.
+    ours = ("fails_after_200ms", "hangs")
+    spans = {(s.attributes or {})["background_task.outcome"]: s for s in task_spans(exporter) if s.name.endswith(ours)}
+    recorded = {
+        dict(key)["background_task.outcome"]: point
+        for key, point in points(metrics_by_name(reader)["background_task.duration"]).items()
+        if str(dict(key)["code.function.name"]).endswith(ours)
+    }
+    assert sorted(recorded) == sorted(spans) == ["error", "timeout"]
+    for outcome, point in recorded.items():
+        span = spans[outcome]
+        assert span.end_time is not None and span.start_time is not None
+        assert point.count == 1
+        assert point.sum == pytest.approx((span.end_time - span.start_time) / 1e9, abs=1e-6)
+        assert 0.2 <= point.sum < 0.2 + 0.5  # seconds, not milliseconds
+
+
 @pytest.fixture
 def log_correlation() -> Iterator[None]:
     """OpenTelemetry's logging instrumentation injecting trace context into every record.
