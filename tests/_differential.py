@@ -869,11 +869,26 @@ _CAUGHT_HANDLED = ".RuntimeError: Caught handled exception, but response already
 def documented_sentry(events: list[Any]) -> list[Any]:
     """The uninstrumented Sentry events minus Starlette's wrapper of a task failure otel_bgtasks forwarded.
 
+    Without otel_bgtasks sentry-sdk sometimes reports a task's failure twice (behind BaseHTTPMiddleware:
+    its integration's event and uvicorn's log line); README promises one event per failure.
+
     With an exception handler for the task's error, Starlette re-raises it as "Caught handled exception,
     but response already started" (``from`` the task's exception); otel_bgtasks has reported the task's
     failure itself and drops that wrapper's event (issue 18 §6: "and Starlette's wrapper that chains it").
     """
-    return [event for event in events if event != ("exception", (_CAUGHT_HANDLED,))]
+    kept: list[Any] = []
+    for event in events:
+        if event == ("exception", (_CAUGHT_HANDLED,)):
+            continue
+        if event in kept and _is_task_failure(event):
+            continue  # README: one event per failure (sentry-sdk alone may send a task's failure twice)
+        kept.append(event)
+    return kept
+
+
+def _is_task_failure(event: Any) -> bool:
+    kind, values = event
+    return kind == "exception" and values[0].startswith((f"{TaskFailed.__module__}.TaskFailed: ", ".TimeoutError"))
 
 
 def documented_timeout_chain(chain: Any) -> Any:
