@@ -29,6 +29,7 @@ import pickle
 import re
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -451,7 +452,7 @@ def stack_modules() -> list[str]:
     frame = sys._getframe(2)
     modules = []
     while frame is not None:
-        modules.append(str(frame.f_globals.get("__name__")))
+        modules.append(f"{frame.f_globals.get('__name__')}:{frame.f_code.co_name}")
         frame = frame.f_back
     return modules
 
@@ -1137,7 +1138,20 @@ def serve_with_uvicorn(app: Any, observed: Observed) -> None:
         if inner_app is not None:
             loaded.app = Finished(inner_app)
         response = httpx.get(server.url + "/run", timeout=10)
-        finished.wait(10)
+        if not finished.wait(10 if inner_app is not None else 0):
+            _wait_for_quiet_effects()  # no hook in this uvicorn: the tasks have ended once nothing moves
     observed.status = response.status_code
     observed.headers = sorted((k, v) for k, v in response.headers.items() if k not in ("date", "server"))
     observed.body = response.content
+
+
+def _wait_for_quiet_effects(quiet: float = 0.5, limit: float = 10.0) -> None:
+    deadline = time.monotonic() + limit
+    seen = -1
+    while time.monotonic() < deadline:
+        with _effects_lock:
+            count = len(EFFECTS)
+        if count == seen:
+            return
+        seen = count
+        time.sleep(quiet)
