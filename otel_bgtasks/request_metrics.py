@@ -19,10 +19,12 @@ Instead, what contrib *records* is adjusted, through its own instruments:
   new instance's request-duration histograms and active-requests counter; the attribute names cover
   every contrib release from 0.46b0 (``duration_histogram``, then ``duration_histogram_old`` /
   ``duration_histogram_new``; ``active_requests_counter`` throughout).
-- Contrib's ``add(+1)`` at a request's start hands a small holder, :class:`_Request`, to the request's
-  context (a ``ContextVar``, reset with its token at contrib's ``add(-1)``, so nothing outlives the
-  request). It is set before contrib calls the app, so every copy of that context (a task group's,
-  ``BaseHTTPMiddleware``'s) shares the same holder by reference.
+- Contrib's ``add(+1)`` at a request's start hands a small holder (a list, see ``_Request``) to the
+  request's context, a ``ContextVar``. It is set before contrib calls the app, so every copy of that
+  context (a task group's, ``BaseHTTPMiddleware``'s) shares the same holder by reference. Contrib's
+  ``add(-1)`` marks it finished rather than resetting the variable (a reset costs as much again; a server
+  runs each request in a context of its own, and an in-process client's context keeps only the last,
+  inert holder).
 - The response is complete when the first background task of the request starts: Starlette runs them
   right after the last body chunk (or once the client is gone from a stream). The task wrappers call
   :func:`response_complete` then, which takes the request off the active count with contrib's own
