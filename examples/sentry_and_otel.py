@@ -4,7 +4,8 @@ Run it (SENTRY_DSN from your Sentry project; without it Sentry stays off and not
 
 .. code-block:: bash
 
-    pip install 'otel_bgtasks[sentry,demo]'
+    pip install -e '.[sentry,demo]'          # from a clone of this repository
+    pip install 'otel_bgtasks[sentry,demo]'  # the released package, once it is on PyPI
     SENTRY_DSN=https://<key>@<org>.ingest.sentry.io/<project> \\
     OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4318 uvicorn examples.sentry_and_otel:app
     curl -X POST localhost:8000/orders/42   # from another terminal

@@ -7,7 +7,8 @@ Run it from the repository root, with spans printed to the console:
 
 .. code-block:: bash
 
-    pip install 'otel_bgtasks[demo]'
+    pip install -e '.[demo]'          # from a clone of this repository
+    pip install 'otel_bgtasks[demo]'  # the released package, once it is on PyPI
     opentelemetry-instrument --traces_exporter console --metrics_exporter none --logs_exporter none \\
         uvicorn examples.starlette_app:app
     curl localhost:8000/many   # from another terminal

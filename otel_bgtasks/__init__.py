@@ -143,6 +143,7 @@ def instrument(
         request_metrics_end_at_response=request_metrics_end_at_response,
     )
     from otel_bgtasks.instrumentor import BackgroundTasksInstrumentor, instrumentor_lock
+    from otel_bgtasks.request_metrics import equip
     from otel_bgtasks.request_spans import ensure_request_spans, native_tracer_provider
 
     instrumentor = BackgroundTasksInstrumentor()
@@ -151,6 +152,7 @@ def instrument(
         return app
     with instrumentor_lock:
         instrumentor.follow(native_tracer_provider(app))  # FastAPI(telemetry={"tracer_provider": ...})
+    equip(app)  # an OpenTelemetryMiddleware made before instrument(), around the app or in its built stack
     return ensure_request_spans(app, tracer_provider, meter_provider)
 
 

@@ -6,7 +6,8 @@ skipping the patch while that attribute exists. Its ``uninstrument_app()`` puts 
 deletes the attribute. To keep exactly one span per task in every order:
 
 - contrib patched first: our wrapper calls the original it kept, not its bare span (the bypass);
-- we patched first: we set the attribute ourselves, so contrib leaves ``__call__`` alone;
+- we patched first: we set the attribute ourselves for the length of contrib's ``instrument_app()`` call, so
+  that it leaves ``__call__`` alone, and take it away after: the app never sees it on ``BackgroundTask``;
 - contrib uninstruments an app later: we put our wrapper and the attribute back right after;
 - contrib instruments an app that ``otel_bgtasks.instrument(app)`` gave request spans: ours are withdrawn
   first, so that each request keeps one server span.
@@ -45,12 +46,10 @@ class ContribFastAPICoordinator:
         self._saved_instrument_app: Any = None
 
     def install(self) -> None:
-        """Claim the marker; contrib's ``uninstrument_app`` is watched by :meth:`watch` once contrib is imported."""
+        """Note our wrapper; contrib's ``(un)instrument_app`` are watched by :meth:`watch` once contrib is imported."""
         from starlette.background import BackgroundTask
 
         self._our_call = vars(BackgroundTask)["__call__"]
-        if MARKER not in vars(BackgroundTask):
-            setattr(BackgroundTask, MARKER, self._our_call)
 
     def watch(self, contrib: ModuleType) -> None:
         """Wrap contrib's ``uninstrument_app``, once; ``contrib`` is its module, already imported."""
@@ -85,7 +84,32 @@ class ContribFastAPICoordinator:
             tracer_provider = kwargs.get("tracer_provider")
             if tracer_provider is not None:  # the request spans go there: the task spans follow them
                 self._wrappers.follow(tracer_provider)
-        return wrapped(*args, **kwargs)
+        claimed = self._claim_marker()
+        try:
+            return wrapped(*args, **kwargs)
+        finally:
+            if claimed:
+                self._release_marker()
+
+    def _claim_marker(self) -> bool:
+        """Show contrib our wrapper as the original it keeps, so that it does not patch ``__call__`` over it."""
+        from starlette.background import BackgroundTask
+
+        try:
+            if self._our_call is None or MARKER in vars(BackgroundTask):
+                return False  # contrib's own marker: it patched first, and we bypass its span
+            setattr(BackgroundTask, MARKER, self._our_call)
+        except Exception as exc:
+            internal_error(exc)
+            return False
+        return True
+
+    def _release_marker(self) -> None:
+        from starlette.background import BackgroundTask
+
+        with capture_internal_exceptions():
+            if vars(BackgroundTask).get(MARKER) is self._our_call:
+                delattr(BackgroundTask, MARKER)
 
     def _after_uninstrument_app(
         self, wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -113,8 +137,6 @@ class ContribFastAPICoordinator:
                 wrap_function_wrapper(background, "BackgroundTask.__call__", self._wrappers.call_task)
                 self._our_call = vars(background.BackgroundTask)["__call__"]
                 self._wrappers.claim_call(self._our_call)
-        if MARKER not in vars(background.BackgroundTask):
-            setattr(background.BackgroundTask, MARKER, self._our_call)
 
 
 def _wraps_the_same(current: Any, ours: Any) -> bool:

@@ -5,7 +5,9 @@ backoff, a home-made ``@log_calls``) runs the decorator's one code object, so a 
 all of them the first one's name, timeout and parameter names. Not equality either: a wrapt proxy
 equals the function it wraps, and a callable dataclass instance is not even hashable. Keyed by
 identity and held by a weak reference, an entry lives exactly as long as its callable, so closures
-and classes made per request come and go without growing anything.
+and classes made per request come and go without growing anything. And if an app keeps them all (a
+registry of per-customer classes), past :data:`MAX_ENTRIES` a new callable's value is computed each time
+instead of remembered.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from __future__ import annotations
 import functools
 import weakref
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 _V = TypeVar("_V")
+
+MAX_ENTRIES: Final = 4096
 
 
 class PerCallable(Generic[_V]):
@@ -37,6 +41,8 @@ class PerCallable(Generic[_V]):
         if entry is not None and entry[0]() is key:
             return entry[1]
         value = self._compute(key)
+        if len(self._entries) >= MAX_ENTRIES:
+            return value
         try:
             ref = weakref.ref(key, functools.partial(self._forget, id(key)))
         except TypeError:

@@ -14,7 +14,7 @@ from opentelemetry.instrumentation.utils import unwrap
 from opentelemetry.trace import NoOpTracerProvider
 from wrapt import register_post_import_hook, wrap_function_wrapper
 
-from otel_bgtasks import request_metrics
+from otel_bgtasks import last_resort, request_metrics
 from otel_bgtasks.arguments import ArgumentCapture
 from otel_bgtasks.config import Options, differences, resolve
 from otel_bgtasks.contrib_fastapi import CONTRIB, ContribFastAPICoordinator, contrib_original_call
@@ -163,12 +163,12 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
     def _instrument(self, **kwargs: Any) -> None:
         from starlette import background
 
+        last_resort.install()  # first: resolving the options may warn
         tracer_provider = kwargs.pop("tracer_provider", None)
         meter_provider = kwargs.pop("meter_provider", None)
         options = resolve({k: v for k, v in kwargs.items() if k not in _BASE_INSTRUMENTOR_ARGUMENTS})
         self._options = options
         self._providers = (tracer_provider, meter_provider)
-        arm(tracer_provider is not None, spans_wanted=not isinstance(tracer_provider, NoOpTracerProvider))
         arguments = (
             ArgumentCapture(options.capture_args_max_length, options.redact_keys) if options.capture_args else None
         )
@@ -176,6 +176,7 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
             self._sentry = SentryForwarder(options.sentry, arguments)
             add_listener(self._sentry)
         wrappers = TaskWrappers(tracer_provider, task_metrics(meter_provider), options, arguments)
+        arm(wrappers.spans_recorded, spans_wanted=not isinstance(tracer_provider, NoOpTracerProvider))
         wrappers.bypass_call = contrib_original_call()
         self._wrappers = wrappers
         self._contrib = ContribFastAPICoordinator(wrappers)
@@ -231,3 +232,4 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
         self._options = None
         self._providers = (None, None)
         self._stand_in = None
+        last_resort.remove()

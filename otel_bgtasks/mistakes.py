@@ -3,6 +3,9 @@
 - ``add_task(send_email(address))``: a coroutine object or a return value instead of the function.
   Starlette accepts it and fails only later, after the response, with "'coroutine' object is not
   callable" and a "never awaited" warning that names neither the route nor the fix.
+- An ``async def`` that Starlette takes for a sync function (under a plain sync decorator, a raw
+  ``staticmethod`` object) or an async generator function: Starlette runs it in the thread pool, gets a
+  coroutine (or an async generator) back and drops it: the body never runs, and nothing fails.
 - A ``BackgroundTasks`` filled and then never attached to a response (or a response that never
   finished): its tasks are garbage-collected without running, silently.
 """
@@ -39,10 +42,43 @@ def invalid_task_problem(func: object) -> str | None:
     return None
 
 
-def discard(func: object) -> None:
-    """Close a coroutine object nobody will await, so Python does not warn "never awaited" later."""
-    if inspect.iscoroutine(func):
-        func.close()
+class DiscardedCoroutineError(Exception):
+    """What a task's record says when its function returned a coroutine or an async generator that Starlette dropped.
+
+    Never raised: the app sees what it saw uninstrumented (nothing, and Python's own "never awaited"
+    warning for a coroutine). It is the span's ``error.type``, the metrics' and the ERROR record's.
+    """
+
+
+def discarded_awaitable(returned: object) -> str | None:
+    """What a sync task's return value is, if it is the body of an async function that will never run."""
+    if inspect.iscoroutine(returned):
+        return "a coroutine"
+    if inspect.isasyncgen(returned):
+        return "an async generator"
+    return None
+
+
+def discarded_problem(func: object, returned: str) -> str:
+    """Why the task's body never ran, and the fix (the diagnosis hint of cause 1)."""
+    if isinstance(func, staticmethod | classmethod):
+        kind = "staticmethod" if isinstance(func, staticmethod) else "classmethod"
+        return (
+            f"The task is a raw {kind} object wrapping an async def: Starlette took it for a sync function, ran it "
+            f"in the thread pool and dropped the coroutine it returned, so its body never ran. Pass the function "
+            f"itself (Class.method, not vars(Class)['method'] or the {kind} object)."
+        )
+    if returned == "an async generator":
+        return (
+            "The task is an async generator function: calling it only makes an async generator, which Starlette "
+            "dropped, so its body never ran. Make it a plain async def (no yield)."
+        )
+    return (
+        f"The task returned {returned}: an async def under a plain sync decorator, which Starlette took for a sync "
+        "function, ran in the thread pool and whose coroutine it dropped, so its body never ran. Make the "
+        "decorator's wrapper async too (async def wrapper(*args, **kwargs): return await func(*args, **kwargs)), "
+        "with functools.wraps."
+    )
 
 
 def creation_site(frame: FrameType) -> tuple[str, int]:

@@ -12,9 +12,10 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import CodeType, FrameType, FunctionType, MethodType, ModuleType
-from typing import Any
+from typing import Any, Final
 
 from opentelemetry.util.types import AttributeValue
 
@@ -156,6 +157,16 @@ def _declared_class(cls: type[object]) -> type[object]:
     while cls.__module__ == "unittest.mock" and len(cls.__bases__) == 1 and cls.__bases__[0].__name__ == cls.__name__:
         cls = cls.__bases__[0]
     return cls
+
+
+MAX_LISTED: Final = 20
+
+
+def listing(names: Sequence[str], limit: int = MAX_LISTED) -> str:
+    """``names`` for a log line: the first ``limit``, then how many more (20,000 skipped tasks made a 520 KB line)."""
+    if len(names) <= limit:
+        return ", ".join(names)
+    return f"{', '.join(names[:limit])} and {len(names) - limit} more"
 
 
 def error_type(exc: BaseException) -> str:

@@ -18,6 +18,10 @@ CODE_FILE_PATH: Final = "code.file.path"
 CODE_LINE_NUMBER: Final = "code.line.number"
 ERROR_TYPE: Final = "error.type"
 
+# The one attribute of a metric's overflow series, past the bound on distinct series (the SDK's own, as specified:
+# https://opentelemetry.io/docs/specs/otel/metrics/sdk/#cardinality-limits).
+METRIC_OVERFLOW: Final = "otel.metric.overflow"
+
 # Attributes: ours.
 EXECUTION: Final = "background_task.execution"
 INDEX: Final = "background_task.index"

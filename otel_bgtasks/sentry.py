@@ -3,34 +3,43 @@
 Sentry has no notion of background tasks (getsentry/sentry-python#1473): a task's exception reaches
 it, if at all, as an error of the request, without the task, and once more from its logging
 integration. Here each failure becomes one event that names the task and carries the OpenTelemetry
-trace and span ids; every other Sentry event for the same exception (the ASGI integration, the
-logging integration, Starlette's "Caught handled exception" wrapper) is dropped.
+trace and span ids; every other Sentry event for that very exception (the ASGI integration, the
+logging integration, uvicorn's "Exception in ASGI application", Starlette's "Caught handled exception"
+wrapper) is dropped, and so are otel_bgtasks' own ERROR records (the forwarded event says what they
+say). An app's own, different exception raised while a task failure propagates (translated by a
+middleware, a failing cleanup in an ``except``) is the app's and goes through, as uninstrumented.
 
-sentry-sdk is optional (``pip install otel_bgtasks[sentry]``) and only imported once a failure is
-forwarded or ``sentry=True`` is asked for.
+sentry-sdk is optional (``pip install 'otel_bgtasks[sentry]'``, or ``pip install -e '.[sentry]'`` from a
+clone of the repository) and only imported once a failure is forwarded or ``sentry=True`` is asked for.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import sys
+import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from contextlib import suppress
+from functools import partial
+from types import TracebackType
 from typing import Any, Final, Literal
 
 from opentelemetry import trace
 from opentelemetry.trace import Span
 
+from otel_bgtasks import listeners
 from otel_bgtasks.arguments import ArgumentCapture
+from otel_bgtasks.install import pip_install
 from otel_bgtasks.listeners import TaskListener
-from otel_bgtasks.task_state import TaskRun
+from otel_bgtasks.naming import MAX_LISTED
+from otel_bgtasks.task_state import TaskRun, TaskState
 
 MECHANISM: Final = "otel_bgtasks"
 _OURS: Final = "otel_bgtasks_event"  # hint key marking the events we capture ourselves
-# Set on an exception we forwarded: any other Sentry event about it (our own log record, the ASGI
-# integration's as the exception propagates) is a duplicate. Kept on the exception itself, so that it
-# goes when the exception goes: nothing here holds a failed task's exception or its frames.
-_FORWARDED: Final = "__otel_bgtasks_forwarded__"
+# Starlette re-raises a failure whose exception handler ran after the response started as this, "from" it.
+_STARLETTE_WRAPPER: Final = "Caught handled exception, but response already started."
 _processor_added = False
 
 
@@ -48,10 +57,20 @@ class SentryForwarder(TaskListener):
         if sentry is True and not sentry_installed():
             raise ImportError(
                 "otel_bgtasks was asked to forward failures to Sentry (sentry=True) but sentry-sdk is not "
-                "installed: pip install 'otel_bgtasks[sentry]', or pass sentry='auto' or False."
+                f"installed: {pip_install('sentry')}; or pass sentry='auto' or False."
             )
         self._auto = sentry == "auto"
         self._arguments = arguments
+        self._add_processor()
+
+    def _add_processor(self) -> None:
+        """The duplicate filter, before a record of ours can reach Sentry; in "auto" mode, once the app imported it."""
+        if not self._auto or "sentry_sdk" in sys.modules:
+            _add_processor_once()
+
+    def task_invalid(self, state: TaskState, problem: str) -> None:
+        """An ``add_task`` mistake: its ERROR record is no event (the failure it leads to is forwarded)."""
+        self._add_processor()  # for the records after this one: sentry_sdk was imported after instrument()
 
     def task_ended(self, run: TaskRun) -> None:
         """Forward ``run`` if it failed.
@@ -72,7 +91,7 @@ class SentryForwarder(TaskListener):
         if not client.is_active():
             return
         _add_processor_once()
-        _mark_forwarded(error)  # before our own log record reaches Sentry's logging integration
+        forwarded.add(error)
         event, hint = event_from_exception(
             error, client_options=client.options, mechanism={"type": MECHANISM, "handled": False}
         )
@@ -101,12 +120,20 @@ class SentryForwarder(TaskListener):
             if route is not None:
                 scope.set_tag("http.route", route)
             scope.set_context("background_task", self._context(run, send_arguments))
-            for name in run.skipped:
+            for name in run.skipped[:MAX_LISTED]:
                 scope.add_breadcrumb(
                     category="background_task",
                     message=f"Skipped {name}: an earlier task in the same BackgroundTasks failed",
                     level="warning",
                     data={"code.function.name": name, "background_task.outcome": "skipped"},
+                )
+            if len(run.skipped) > MAX_LISTED:
+                more = len(run.skipped) - MAX_LISTED
+                scope.add_breadcrumb(
+                    category="background_task",
+                    message=f"Skipped {more} more: an earlier task in the same BackgroundTasks failed",
+                    level="warning",
+                    data={"background_task.outcome": "skipped", "count": more},
                 )
             _forget_last_seen(client, DedupeIntegration)  # our log record may have been "seen" first
             scope.capture_event(event, hint)
@@ -128,9 +155,81 @@ class SentryForwarder(TaskListener):
         return context
 
 
-def _mark_forwarded(error: BaseException) -> None:
-    with suppress(Exception):  # an exception type that refuses attributes: its duplicates go through
-        setattr(error, _FORWARDED, True)
+class ForwardedExceptions:
+    """The exceptions already sent to Sentry, kept outside them and never kept alive.
+
+    Any other Sentry event about one of them (the ASGI integration's as it propagates, a server's log
+    record) is a duplicate. Nothing is set on the exception: the app, its middleware and its server see
+    it as uninstrumented. An exception of a class of its own is held by a weak reference, and leaves when
+    it is freed. Python's builtin exceptions (``KeyError``, ``ValueError``, ``KeyboardInterrupt``...) cannot
+    be weakly referenced (3.10-3.13), and neither can tracebacks or frames: one is known by its id and by
+    the traceback it had when forwarded, which it keeps for as long as it lives (propagation only adds
+    entries on the outside). That path runs through otel_bgtasks' own frames, so a new exception at a
+    freed one's address that matches it can only be another task failure run by otel_bgtasks, itself
+    forwarded. The last :data:`_MAX_BUILTIN` are remembered.
+    """
+
+    _MAX_BUILTIN: Final = 256
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._weak: dict[int, weakref.ref[BaseException]] = {}
+        self._builtin: OrderedDict[int, tuple[type[BaseException], _Path]] = OrderedDict()
+
+    def add(self, error: BaseException) -> None:
+        """Remember ``error`` as forwarded."""
+        key = id(error)
+        try:
+            ref = weakref.ref(error, partial(self._forget, key))
+        except TypeError:
+            path = _path(error.__traceback__)
+            if not path:  # never raised (a timeout judged after the fact): nothing will propagate it
+                return
+            with self._lock:
+                self._builtin[key] = (type(error), path)
+                self._builtin.move_to_end(key)
+                while len(self._builtin) > self._MAX_BUILTIN:
+                    self._builtin.popitem(last=False)
+            return
+        with self._lock:
+            self._weak[key] = ref
+
+    def __contains__(self, error: object) -> bool:
+        if not isinstance(error, BaseException):
+            return False
+        key = id(error)
+        ref = self._weak.get(key)
+        if ref is not None:
+            return ref() is error
+        seen = self._builtin.get(key)
+        if seen is None or seen[0] is not type(error):
+            return False
+        path = _path(error.__traceback__)
+        return path[len(path) - len(seen[1]) :] == seen[1]
+
+    def _forget(self, key: int, ref: weakref.ref[BaseException]) -> None:
+        # Called by the garbage collector in any thread; the id may hold a newer exception's entry by now.
+        with self._lock:
+            if self._weak.get(key) is ref:
+                del self._weak[key]
+
+    def __len__(self) -> int:
+        return len(self._weak) + len(self._builtin)
+
+
+_Path = tuple[tuple[int, int, int], ...]
+
+
+def _path(tb: TracebackType | None) -> _Path:
+    """Each traceback entry, outermost first: its id, its frame's code's id, and its bytecode offset."""
+    path: list[tuple[int, int, int]] = []
+    while tb is not None:
+        path.append((id(tb), id(tb.tb_frame.f_code), tb.tb_lasti))
+        tb = tb.tb_next
+    return tuple(path)
+
+
+forwarded = ForwardedExceptions()
 
 
 def _forget_last_seen(client: Any, dedupe: Any) -> None:
@@ -168,17 +267,34 @@ def _drop_frame_variables(event: Mapping[str, Any]) -> None:
 
 
 def _is_duplicate(event: dict[str, Any], hint: dict[str, Any]) -> bool:
+    """Whether ``event`` tells of a failure already forwarded, and of nothing else."""
     if hint.get(_OURS):
         return False
+    record = hint.get("log_record")
+    if isinstance(record, logging.LogRecord) and _our_report(record):
+        return True
     exc_info = hint.get("exc_info")
     error: BaseException | None = exc_info[1] if exc_info else None
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:  # Starlette wraps ours: "... from exc"
-        if getattr(error, _FORWARDED, False) is True:
-            return True
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return False
+    if error is None:
+        return False
+    if error in forwarded:
+        return True
+    # Starlette's own wrapper, raised "from" ours and about nothing else. Any other exception whose
+    # chain holds ours is the app's own (a middleware translating it, a failing cleanup): it is reported.
+    return type(error) is RuntimeError and error.args == (_STARLETTE_WRAPPER,) and error.__cause__ in forwarded
+
+
+def _our_report(record: logging.LogRecord) -> bool:
+    """otel_bgtasks' own ERROR record about a task (its failure, an ``add_task`` mistake), while failures are forwarded.
+
+    Each failure is forwarded as one event that carries what the record says (and the hint); a mistake
+    that never runs fails nothing, as uninstrumented. otel_bgtasks' internal errors still reach Sentry.
+    """
+    return (
+        record.name == "otel_bgtasks"
+        and record.funcName != "internal_error"
+        and any(isinstance(listener, SentryForwarder) for listener in listeners.active)
+    )
 
 
 def _add_processor_once() -> None:

@@ -1,6 +1,7 @@
 """Two set-up mistakes that leave task spans unseen or alone, each said once, when the first task starts.
 
-Both are silent otherwise: with no SDK, every span goes nowhere; with nothing tracing the requests
+Both are silent otherwise: with no SDK (and no provider given to otel_bgtasks, FastAPI's native telemetry
+or contrib's ``instrument_app()``, which task spans follow), every span goes nowhere; with nothing tracing the requests
 (a plain Starlette app under ``opentelemetry-instrument`` without the Starlette instrumentation), each
 task span is the root of a trace of its own. The first task tells: after it, checking costs one flag.
 """
@@ -9,16 +10,19 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 from opentelemetry import trace
 from opentelemetry.context import Context
+
+from otel_bgtasks.install import pip_install
 
 _logger = logging.getLogger("otel_bgtasks")
 
 NO_SDK = (
     "No OpenTelemetry SDK is set up: the global tracer provider is still the API's default, so every span, "
     "background tasks' included, goes nowhere. Under opentelemetry-instrument, look above for 'Failed to auto "
-    "initialize OpenTelemetry' (a missing exporter: pip install 'otel_bgtasks[zero-code]', or pass "
+    f"initialize OpenTelemetry' (a missing exporter: {pip_install('zero-code')}; or pass "
     "--traces_exporter/--metrics_exporter/--logs_exporter); in code, call "
     "opentelemetry.trace.set_tracer_provider(TracerProvider(...)) before the first request, or pass "
     "tracer_provider= to otel_bgtasks.instrument()."
@@ -29,28 +33,35 @@ NO_REQUEST_SPAN = (
     "otel_bgtasks.instrument(app), which adds request spans; under opentelemetry-instrument, install the "
     "instrumentation of the framework: pip install 'opentelemetry-instrumentation-starlette>=0.55b0' (older "
     "releases declare Starlette 0.13 only, and opentelemetry-instrument skips them) or "
-    "opentelemetry-instrumentation-fastapi; pip install 'otel_bgtasks[zero-code]' brings both."
+    f"opentelemetry-instrumentation-fastapi; {pip_install('zero-code')} brings both."
 )
 
 _lock = threading.Lock()
 # Set by arm() at each instrument(), cleared by the first task that starts; read by the hot path, which calls
 # check_first_task() only while it is set.
 pending = False
-_tracer_provider_given = False
 
 
-def arm(tracer_provider_given: bool, spans_wanted: bool = True) -> None:
+def _never() -> bool:
+    return False
+
+
+_spans_recorded: Callable[[], bool] = _never
+
+
+def arm(spans_recorded: Callable[[], bool], spans_wanted: bool = True) -> None:
     """Check the next task to start: called by each ``instrument()``.
 
     Args:
-        tracer_provider_given: whether ``instrument()`` got a ``tracer_provider``; then the global one,
-            default or not, is not ours to judge.
+        spans_recorded: whether task spans go to a provider, asked when the first task starts: the one given
+            to ``instrument()``, the one the app gave FastAPI's native telemetry or contrib's
+            ``instrument_app()`` (followed since), or an SDK set as the global one.
         spans_wanted: ``False`` when the provider given is a no-op one: spans going nowhere is the point.
     """
-    global pending, _tracer_provider_given
+    global pending, _spans_recorded
     with _lock:
         pending = spans_wanted
-        _tracer_provider_given = tracer_provider_given
+        _spans_recorded = spans_recorded
 
 
 def check_first_task(creating: Context, task_name: str) -> None:
@@ -62,7 +73,7 @@ def check_first_task(creating: Context, task_name: str) -> None:
         if not pending:
             return
         pending = False
-    if not _tracer_provider_given and isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+    if not _spans_recorded() and isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
         _logger.warning(NO_SDK)  # no request span either, then: this is the cause
     elif not trace.get_current_span(creating).get_span_context().is_valid:
         _logger.warning(NO_REQUEST_SPAN, task_name)

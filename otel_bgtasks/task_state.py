@@ -1,14 +1,26 @@
 """What travels with a task: its state from creation to run (:class:`TaskState`), and one run (:class:`TaskRun`).
 
-Kept on the ``BackgroundTask`` object itself, under :data:`STATE_ATTRIBUTE`, so that nothing outlives the
-task: when Starlette (or the user) drops the task, its captured context goes with it.
+Kept outside the ``BackgroundTask`` object, in a dictionary keyed by its ``id()``, so that the app's own
+object stays exactly what Starlette made: ``vars()``, ``copy``, ``deepcopy`` and ``pickle`` see nothing of
+ours. A weak reference to the task, whose callback is the state itself, removes the entry when the task
+is freed (before its memory can be reused by another object, so an ``id()`` never finds a stranger's
+state), and says so if the task never ran: nothing outlives the task, and its captured context goes with
+it. Cheaper than a ``WeakKeyDictionary`` (no hashing of the task, no per-lookup weak reference), and the
+callback replaces the ``__del__`` the state had when it lived on the task.
+
+A copy of a task (``copy``, ``deepcopy``, ``pickle``) carries no telemetry state: like a task made before
+``instrument()``, it gets a state when it runs, parented to whatever is current then.
 """
 
 from __future__ import annotations
 
+import inspect
+import sys
+import weakref
 from collections.abc import Sequence
 from contextlib import suppress
-from typing import Any, Final, Protocol
+from types import CoroutineType
+from typing import Any, Protocol
 
 import anyio
 from opentelemetry import context as otel_context
@@ -17,8 +29,6 @@ from opentelemetry.trace import Span
 
 from otel_bgtasks.diagnosis import Diagnosis
 from otel_bgtasks.naming import FunctionNames, describe
-
-STATE_ATTRIBUTE: Final = "_otel_bgtasks_state"
 
 
 class DropWatcher(Protocol):
@@ -33,19 +43,23 @@ class TaskState:
 
     __slots__ = (
         "context",
+        "coroutine",
         "enqueued_ns",
         "index",
+        "key",
         "names",
         "on_drop",
         "pending_report",
         "problem",
         "ran",
+        "ref",
         "settled",
         "where",
     )
 
     def __init__(
         self,
+        task: object,
         context: Context,
         enqueued_ns: int | None,
         names: FunctionNames,
@@ -63,37 +77,95 @@ class TaskState:
         self.problem: str | None = None  # why it can never run (add_task(coroutine), a non-callable)
         # A failed run whose report waits for its BackgroundTasks to say which tasks it left unrun.
         self.pending_report: TaskRun | None = None
+        # add_task(coroutine object): the coroutine, weakly, to close when the task is freed if nothing else holds it.
+        self.coroutine: weakref.ref[CoroutineType[Any, Any, Any]] | None = None
+        self.key = id(task)
+        self.ref: weakref.ref[Any] | None = None
+        if task is not None:  # None: a passing state, for something in a task list that is not a BackgroundTask
+            self.ref = weakref.ref(task, self)  # calls self when the task is freed
+            states[self.key] = self
 
     @property
     def site(self) -> str | None:
         """``file:line`` of the code that created the task, if it was seen being created."""
         return None if self.where is None else f"{self.where[0]}:{self.where[1]}"
 
-    def __del__(self) -> None:
-        # The task object is gone: if it never ran, nobody else will ever say so.
-        if not self.settled and self.on_drop is not None:
-            with suppress(Exception):  # at interpreter exit logging may be gone: nothing safer is left to do
+    def __call__(self, ref: weakref.ref[Any]) -> None:
+        """The task was freed (the weak reference's callback, in whichever thread freed it)."""
+        if states.get(self.key) is self:
+            del states[self.key]
+        if self.settled and self.coroutine is None:  # it ran, or its fate was told: the usual case, kept short
+            return
+        with suppress(Exception):  # at interpreter exit logging may be gone: nothing safer is left to do
+            coroutine = None if self.coroutine is None else self.coroutine()
+            if coroutine is not None:
+                close_if_unheld(coroutine)
+            # If it never ran, nobody else will ever say so; add_task(coroutine) was told at the call.
+            if not self.settled and self.problem is None and self.on_drop is not None:
+                self.settled = True
                 self.on_drop.task_dropped(self)
 
 
+# id(task) -> its state, while the task lives (see the module's docstring); read it, add to it only by TaskState().
+states: dict[int, TaskState] = {}
+
+
 def state_of(task: Any) -> TaskState:
-    """The task's state; a task created before ``instrument()`` gets one on first sight."""
-    state: TaskState | None = getattr(task, STATE_ATTRIBUTE, None)
+    """The task's state; a task created before ``instrument()`` (or a copy) gets one on first sight."""
+    state = states.get(id(task))
     if state is None:
-        state = TaskState(otel_context.get_current(), None, describe(task.func))
-        setattr(task, STATE_ATTRIBUTE, state)
+        state = TaskState(task, otel_context.get_current(), None, describe(task.func))
     return state
+
+
+def known_state(task: object) -> TaskState | None:
+    """The task's state if it has one, without making one (a task being freed has none any more)."""
+    return states.get(id(task))
+
+
+def close_if_unheld(coroutine: object) -> None:
+    """Close an ``add_task(coroutine)`` coroutine that was never started and that only its task and the caller hold.
+
+    Python would warn "coroutine ... was never awaited" as it is freed; otel_bgtasks' ERROR at the
+    ``add_task`` call said so already, with the fix. One held anywhere else (the app awaits it, or gave it
+    to ``asyncio.create_task``) is left alone: closing it would break the app's own await. The count is
+    CPython's reference count, compared with what the same call shape counts for an object held by one
+    container and one local (:func:`_calibrate`): anything but exactly that leaves it alone.
+    """
+    if not inspect.iscoroutine(coroutine) or inspect.getcoroutinestate(coroutine) != inspect.CORO_CREATED:
+        return
+    if _refs(coroutine) == _TASK_AND_CALLER:
+        coroutine.close()
+
+
+def _refs(obj: object) -> int:
+    return sys.getrefcount(obj)
+
+
+def _twin(coroutine: object) -> int:
+    """What close_if_unheld() counts, in the same call shape."""
+    return _refs(coroutine)
+
+
+def _calibrate() -> int:
+    holder = [object()]  # the task's __dict__
+    probe = holder[0]  # the caller's local
+    return _twin(probe)
+
+
+_TASK_AND_CALLER = _calibrate()
 
 
 class ThreadTimings:
     """``perf_counter()`` readings around a sync task's trip through the thread pool; 0.0 until reached."""
 
-    __slots__ = ("finished", "handed_off", "started")
+    __slots__ = ("finished", "handed_off", "returned", "started")
 
     def __init__(self) -> None:
         self.handed_off = 0.0
         self.started = 0.0
         self.finished = 0.0
+        self.returned: str | None = None  # what the function returned, if an async body that never ran
 
     @property
     def wait(self) -> float | None:

@@ -34,7 +34,7 @@ from otel_bgtasks.config import UNSET, Unset, explicit
 from otel_bgtasks.instrumentor import BackgroundTasksInstrumentor
 from otel_bgtasks.listeners import TaskListener, add_listener, remove_listener
 from otel_bgtasks.mistakes import BLOCKING, DROPPED, invalid_task_problem
-from otel_bgtasks.naming import describe, error_type, safe_str
+from otel_bgtasks.naming import describe, error_type, listing, safe_str
 from otel_bgtasks.task_state import TaskRun, TaskState
 
 __all__ = ["OUTCOME_INVALID", "TaskCheck", "TaskRecord", "TaskRecorder"]
@@ -108,7 +108,7 @@ class TaskRecord:
         if self.hint:
             text += f" Hint: {self.hint}"
         if self.left_unrun:
-            text += f" It left unrun: {', '.join(self.left_unrun)}."
+            text += f" It left unrun: {listing(self.left_unrun)}."
         if self.blocked:
             text += " " + BLOCKING % (name, self.blocking or 0.0)
         return text
@@ -214,9 +214,23 @@ class TaskRecorder(TaskListener):
             with self._lock:
                 self._unsettled.add(id(state))
 
+    def owns(self, state: TaskState) -> bool:
+        """Whether the task was created while this recorder ran: only such tasks are this recording's.
+
+        With a server that outlives a test (session-scoped), a task queued by one test may end, be skipped
+        or be dropped during the next one: it is the test that created it that answers for it. A task
+        otel_bgtasks did not see created (created uninstrumented: before any recording) is nobody's.
+        """
+        created = state.enqueued_ns
+        return created is not None and created >= self._started_ns
+
     def task_ended(self, run: TaskRun) -> None:  # noqa: D102
         if invalid_task_problem(run.task.func) is not None:
             return  # add_task(coroutine) failing as Starlette runs it: task_invalid told the real story
+        if not self.owns(run.state):
+            with self._lock:
+                self._blocked_runs.discard(id(run))
+            return
         diagnosis = run.diagnosis
         record = TaskRecord(
             run.names.function_name,
@@ -246,6 +260,8 @@ class TaskRecorder(TaskListener):
             self._blocked_runs.add(id(run))
 
     def task_skipped(self, state: TaskState, reason: str) -> None:  # noqa: D102
+        if not self.owns(state):
+            return
         record = self._unrun(state, semconv.OUTCOME_SKIPPED, _REASONS.get(reason, reason))
         with self._lock:
             self._unsettled.discard(id(state))
@@ -254,11 +270,13 @@ class TaskRecorder(TaskListener):
     def task_dropped(self, state: TaskState) -> None:  # noqa: D102
         with self._lock:
             self._unsettled.discard(id(state))
-            if state.enqueued_ns is not None and state.enqueued_ns < self._started_ns:
-                return  # created before this recording (by another test): not this one's to answer for
+            if not self.owns(state):
+                return
             self._add(self._unrun(state, semconv.OUTCOME_DROPPED, DROPPED % (state.names.function_name, state.site)))
 
     def task_invalid(self, state: TaskState, problem: str) -> None:  # noqa: D102
+        if not self.owns(state):
+            return
         record = self._unrun(state, OUTCOME_INVALID, f"{problem} (at {state.site})")
         with self._lock:
             self._add(record)
@@ -380,7 +398,7 @@ class TaskRecorder(TaskListener):
 
     def _never_ran(self, task: Task) -> str:
         with self._lock:
-            recorded = ", ".join(f"{r.function_name} ({r.outcome})" for r in self._records) or "none"
+            recorded = listing([f"{r.function_name} ({r.outcome})" for r in self._records]) or "none"
         return f"{_label(task)} never ran: no task of that name ended, was skipped or dropped. Recorded: {recorded}"
 
     def __repr__(self) -> str:

@@ -11,12 +11,14 @@ listeners (listeners.py) and logged; this module knows nothing of who listens.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import sys
 import traceback
 import types
+import weakref
 from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator
-from functools import partial
 from time import perf_counter, time_ns
 from typing import Any, Final
 
@@ -26,19 +28,41 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
-from starlette import background as _background
 
 from otel_bgtasks import listeners, semconv, setup_checks
 from otel_bgtasks.arguments import ArgumentCapture
 from otel_bgtasks.config import Options
-from otel_bgtasks.diagnosis import diagnose, handed_over_session, misuse, warn_handed_over_session
+from otel_bgtasks.diagnosis import Diagnosis, diagnose, handed_over_session, misuse, warn_handed_over_session
 from otel_bgtasks.guard import capture_internal_exceptions, internal_error
+from otel_bgtasks.install import NO_STARLETTE
 from otel_bgtasks.metrics import TaskMetrics, metric_attributes
-from otel_bgtasks.mistakes import BLOCKING, creation_site, discard, invalid_task_problem, report_dropped
-from otel_bgtasks.naming import FunctionNames, describe, error_type, safe_str
+from otel_bgtasks.mistakes import (
+    BLOCKING,
+    DiscardedCoroutineError,
+    creation_site,
+    discarded_awaitable,
+    discarded_problem,
+    invalid_task_problem,
+    report_dropped,
+)
+from otel_bgtasks.naming import FunctionNames, describe, error_type, listing, safe_str
+from otel_bgtasks.request_metrics import response_complete
 from otel_bgtasks.setup_checks import check_first_task
-from otel_bgtasks.task_state import STATE_ATTRIBUTE, TaskRun, TaskState, ThreadTimings, state_of
+from otel_bgtasks.task_state import (
+    TaskRun,
+    TaskState,
+    ThreadTimings,
+    close_if_unheld,
+    known_state,
+    state_of,
+    states,
+)
 from otel_bgtasks.version import __version__
+
+try:
+    from starlette import background as _background
+except ImportError as exc:  # Starlette is the app's to install (the `instruments` extra), as in contrib's packages
+    raise ImportError(NO_STARLETTE, name=exc.name) from exc
 
 _logger = logging.getLogger("otel_bgtasks")
 # Off the hot path, ``with _guard:``; on it, ``try``/``except Exception`` around internal_error(), which costs
@@ -46,6 +70,7 @@ _logger = logging.getLogger("otel_bgtasks")
 _guard = capture_internal_exceptions()
 
 _BackgroundTask = _background.BackgroundTask
+_BackgroundTasks = _background.BackgroundTasks
 
 # A sync task's thread-pool timings, carried in the OpenTelemetry context we attach anyway, for the
 # run_in_threadpool() wrapper to find when something else wraps Starlette's __call__ inside ours.
@@ -107,6 +132,7 @@ class TaskWrappers:
         try:
             func = instance.func
             state = TaskState(
+                instance,
                 otel_context.get_current(),
                 time_ns(),
                 describe(func),
@@ -114,7 +140,6 @@ class TaskWrappers:
                 # Who to tell if it is dropped; nobody for a subclass whose own __call__ may run it unseen.
                 None if _overrides_call(type(instance)) else self,  # pyright: ignore[reportUnknownArgumentType]
             )
-            setattr(instance, STATE_ATTRIBUTE, state)
             if not callable(func):  # a coroutine object is not callable either
                 problem = self._invalid(state, func)
             else:
@@ -135,8 +160,11 @@ class TaskWrappers:
         problem = invalid_task_problem(func)
         if problem is None:
             return None
-        discard(func)
-        state.settled = True  # reported now, and it could never run
+        # Not closed now: the app may still hold it (``c = send(); add_task(c); await c``). When the task runs,
+        # is skipped or is freed, it is closed if nothing else holds it (close_if_unheld). Not settled: left
+        # unrun after a failure, it is skipped like any other task.
+        if inspect.iscoroutine(func):
+            state.coroutine = weakref.ref(func)
         state.problem = problem
         if not self._options.strict:
             _logger.error("%s (at %s)", problem, state.site)
@@ -181,16 +209,26 @@ class TaskWrappers:
         """Whether :meth:`_run` may run a plain ``BackgroundTask`` itself (nobody patched ``__call__`` over us)."""
         return self._wraps_starlette and vars(_BackgroundTask).get("__call__") is self._installed_call
 
-    async def call_task(self, wrapped: _Wrapped, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """``BackgroundTask.__call__``: run the task inside its span."""
+    def call_task(self, wrapped: _Wrapped, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """``BackgroundTask.__call__``: a coroutine that runs the task inside its span.
+
+        A plain function that returns a coroutine, as calling Starlette's ``async def`` does: arguments it
+        refuses raise its ``TypeError`` at the call, and what comes back is a real coroutine, which
+        ``asyncio.create_task()`` takes on every Python (a generator-based one it refuses from 3.12).
+        """
+        if args or kwargs:  # Starlette's __call__ takes none: let it refuse them as uninstrumented
+            return wrapped(*args, **kwargs)
+        return self._call_task(wrapped, instance)
+
+    async def _call_task(self, wrapped: _Wrapped, instance: Any) -> Any:
         try:
             state = state_of(instance)
         except Exception as exc:
             internal_error(exc)
-            return await wrapped(*args, **kwargs)
+            return await wrapped()
         if self._wraps_starlette:
             return await self._run(instance, state, None)
-        return await self._run(instance, state, partial(wrapped, *args, **kwargs))
+        return await self._run(instance, state, wrapped)
 
     @types.coroutine
     def _run(self, task: Any, state: TaskState, call: Callable[[], Awaitable[Any]] | None) -> Generator[Any, Any, Any]:
@@ -201,12 +239,15 @@ class TaskWrappers:
         task where something else wraps Starlette's ``__call__`` inside ours; ``None``: Starlette's two
         lines run here, and a sync task's trip through the thread pool is timed by :func:`_timed_hand_off`.
         """
+        response_complete()  # Starlette runs a request's tasks after its response: its metrics end here
         start_ns = time_ns()
         options = self._options
         is_async: bool = task.is_async
         execution = semconv.EXECUTION_ASYNC if is_async else semconv.EXECUTION_THREADPOOL
         queue_duration = None if state.enqueued_ns is None else (start_ns - state.enqueued_ns) / 1e9
         state.settled = state.ran = True
+        if state.coroutine is not None:  # add_task(coroutine), about to fail as Starlette runs it
+            _close_unheld(state)
         span = parent = None
         try:
             if setup_checks.pending:
@@ -222,8 +263,8 @@ class TaskWrappers:
         # From here on the span exists: whatever fails, it is ended. The task's context first, so that
         # nothing below can leave the task running outside its span.
         token = timings = timeout = None
+        context = state.context
         try:
-            context = state.context
             if span is not parent:  # else the span is upstream's non-recording one, current there already
                 context = trace.set_span_in_context(span, context)
             if not is_async:
@@ -282,6 +323,10 @@ class TaskWrappers:
                     except BaseException as exc:  # cancellation and throw() go into the task, as with await
                         value, error = None, exc
         except BaseException as exc:
+            if isinstance(exc, GeneratorExit) and token is not None and not _attached_here(context):
+                # Closed from outside the task's own context (its loop closed, or it was freed while
+                # pending): that context dies with the task; detaching from another would fail, noisily.
+                token = None
             scope = scopes[0] if scopes else None
             run = self._ran(task, state, execution, span, start_ns, queue_duration, token, timeout, scope, timings)
             run.blocking_max = longest if timed else None
@@ -291,15 +336,23 @@ class TaskWrappers:
         if call is None:
             result = None  # Starlette's __call__ awaits the task and returns nothing: neither do we
         blocking_max = longest if timed else None
-        if timeout is None and not listeners.every_end and not _held_too_long(blocking_max, options.blocking_threshold):
+        if (
+            timeout is None
+            and not listeners.every_end
+            and not _held_too_long(blocking_max, options.blocking_threshold)
+            and (timings is None or timings.returned is None)
+        ):
             owned = span is not parent
-            self._succeeded(span, owned, token, start_ns, state.names, execution, blocking_max, timings)
+            self._succeeded(span, owned, token, context, start_ns, state.names, execution, blocking_max, timings)
             return result
-        # Something to judge or to tell: a timeout, a blocked loop, a listener.
+        # Something to judge or to tell: a timeout, a blocked loop, a listener, a body that never ran.
         scope = scopes[0] if scopes else None
         run = self._ran(task, state, execution, span, start_ns, queue_duration, token, timeout, scope, timings)
         run.blocking_max = blocking_max
-        self._end(run, None)
+        never_ran = None
+        if timings is not None and timings.returned is not None:  # recorded as the mistake, raised nowhere
+            never_ran = DiscardedCoroutineError(discarded_problem(task.func, timings.returned))
+        self._end(run, never_ran)
         self._report(run)
         return result
 
@@ -350,6 +403,7 @@ class TaskWrappers:
         span: Span,
         owned: bool,
         token: object,
+        context: Context,
         start_ns: int,
         names: FunctionNames,
         execution: str,
@@ -359,6 +413,7 @@ class TaskWrappers:
         """End a task that succeeded with nothing to judge or tell: :meth:`_end` for the common case, shorter.
 
         ``owned``: the span is the task's own, not upstream's non-recording one (nothing to annotate or end).
+        ``context``: the one attached while the task ran, for the histograms' exemplars.
         ``longest``: its longest hold of the event loop, if it was timed.
         """
         end_ns = time_ns()
@@ -375,7 +430,8 @@ class TaskWrappers:
         except Exception as exc:
             internal_error(exc)
         try:
-            self._record_metrics(names, execution, semconv.OUTCOME_SUCCESS, None, (end_ns - start_ns) / 1e9, wait)
+            duration = (end_ns - start_ns) / 1e9
+            self._record_metrics(names, execution, semconv.OUTCOME_SUCCESS, None, duration, wait, context)
         except Exception as exc:
             internal_error(exc)
 
@@ -401,9 +457,8 @@ class TaskWrappers:
         run.timings = timings
         return run
 
-    def _unseen_run(self, task: Any, start_ns: int) -> TaskRun:
+    def _unseen_run(self, task: Any, state: TaskState, start_ns: int) -> TaskRun:
         """A run for a task we did not see start (a subclass's own ``__call__``), to end right away."""
-        state = state_of(task)
         state.settled = state.ran = True
         execution = _execution(task)
         queue_duration = None if state.enqueued_ns is None else (start_ns - state.enqueued_ns) / 1e9
@@ -438,20 +493,21 @@ class TaskWrappers:
                     run.token = None
                 run.outcome, run.error = self._classify(run, exc, duration)
                 if run.error is not None:  # causes 1, 2 and 5: a known mistake behind the error
-                    run.diagnosis = diagnose(run.error) if run.state.problem is None else misuse(run.state.problem)
+                    run.diagnosis = _diagnosis(run.state, run.error)
                 if run.span.is_recording():
                     self._annotate(run, end_ns)
             finally:
                 run.span.end(end_ns)
         with _guard:
             error_name = None if run.error is None else error_type(run.error)
-            self._record_metrics(run.names, run.execution, run.outcome, error_name, duration, run.threadpool_wait)
+            wait = run.threadpool_wait
+            self._record_metrics(run.names, run.execution, run.outcome, error_name, duration, wait, _task_context(run))
             if run.blocking_max is not None:
                 self._warn_if_blocking(run)
 
     def _report_or_park(self, run: TaskRun, exc: BaseException) -> None:
         """A task that raised out of a ``BackgroundTasks`` is reported by call_tasks, with the tasks it left unrun."""
-        if run.state.index is not None and not self._options.continue_on_error:
+        if run.state.index is not None and not self._options.continue_on_error and not isinstance(exc, GeneratorExit):
             run.state.pending_report = run
         else:
             self._report(run)
@@ -474,13 +530,18 @@ class TaskWrappers:
         error_name: str | None,
         duration: float,
         wait: float | None,
+        context: Context,
     ) -> None:
-        """The end of a run in the counts and histograms: every run's, whichever way it ended."""
+        """The end of a run in the counts and histograms: every run's, whichever way it ended.
+
+        ``context`` has the task's span current: exemplars name the task span (and there are none when the
+        task was not sampled), although the task's context is no longer attached.
+        """
         task_metrics = self._metrics
         task_metrics.ended(names.function_name, execution, outcome)
-        task_metrics.duration.record(duration, _metric_attributes(names, execution, outcome, error_name))
+        task_metrics.record_duration(duration, _metric_attributes(names, execution, outcome, error_name), context)
         if wait is not None:
-            task_metrics.threadpool_wait.record(wait, _metric_attributes(names, execution, None, None))
+            task_metrics.record_wait(wait, _metric_attributes(names, execution, None, None), context)
 
     def _classify(self, run: TaskRun, exc: BaseException | None, duration: float) -> tuple[str, BaseException | None]:
         """The outcome, and the error to report (``None`` for success and cancellation)."""
@@ -500,7 +561,7 @@ class TaskWrappers:
             return semconv.OUTCOME_SUCCESS, None
         if run.scope is not None and run.scope.cancel_called and isinstance(exc, TimeoutError):
             return semconv.OUTCOME_TIMEOUT, exc
-        if isinstance(exc, anyio.get_cancelled_exc_class()):
+        if _cancellation(exc):
             return semconv.OUTCOME_CANCELLED, None
         return semconv.OUTCOME_ERROR, exc
 
@@ -537,25 +598,41 @@ class TaskWrappers:
             return
         if len(self._warned_blocking) < 4096:
             self._warned_blocking.add(name)
-        _logger.warning(BLOCKING, name, run.blocking_max)
+        token = otel_context.attach(_task_context(run))  # the record is the task's, as the failure's is
+        try:
+            _logger.warning(BLOCKING, name, run.blocking_max)
+        finally:
+            otel_context.detach(token)
 
     # -- the thread-pool hand-off of sync tasks ----------------------------------------------------
 
     @staticmethod
-    async def run_in_threadpool(wrapped: _Wrapped, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def run_in_threadpool(wrapped: _Wrapped, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """``starlette.background.run_in_threadpool``, reached when something else wraps Starlette's ``__call__``.
 
-        Otherwise :meth:`_run` hands sync tasks to the thread pool itself and nothing is found here.
+        Otherwise :meth:`_run` hands sync tasks to the thread pool itself and nothing is found here. A
+        plain function, as the wrapped ``async def`` is to its caller: arguments it refuses raise at the call.
         """
-        timings: ThreadTimings | None = otel_context.get_value(_TIMINGS_KEY)  # pyright: ignore[reportAssignmentType]
-        if timings is None or not args:
-            return await wrapped(*args, **kwargs)
-        return await _timed_hand_off(wrapped, timings, args[0], args[1:], kwargs)
+        timings: ThreadTimings | None = None
+        if args:
+            try:
+                timings = otel_context.get_value(_TIMINGS_KEY)  # pyright: ignore[reportAssignmentType]
+            except Exception as exc:
+                internal_error(exc)
+        if timings is None:
+            return wrapped(*args, **kwargs)
+        return _timed_hand_off(wrapped, timings, args[0], args[1:], kwargs)
 
     # -- BackgroundTasks: index, skipped tasks, continue_on_error ----------------------------------
 
-    async def call_tasks(self, wrapped: _Wrapped, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """``BackgroundTasks.__call__``: Starlette's ``for task in self.tasks: await task()``, run here.
+    def call_tasks(self, wrapped: _Wrapped, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """``BackgroundTasks.__call__``: a coroutine, as :meth:`call_task`; arguments it refuses raise at the call."""
+        if args or kwargs:
+            return wrapped(*args, **kwargs)
+        return self._call_tasks(instance)
+
+    async def _call_tasks(self, instance: Any) -> Any:
+        """Starlette's ``for task in self.tasks: await task()``, run here.
 
         Iterating the live list as Starlette does lets a task add a follow-up task to its own
         ``BackgroundTasks``; each task is numbered as it comes. After a failure or a cancellation, the
@@ -599,15 +676,19 @@ class TaskWrappers:
 
     def _after_failure(self, tasks: list[Any], position: int, started_ns: int, exc: BaseException) -> None:
         """Show the tasks ``exc`` left unrun, then report the failed task with them."""
-        cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
+        cancelled = _cancellation(exc)
+        # Its coroutine closed (its event loop closed, or it was freed while pending): the tasks freed with it
+        # were told dropped as they went, and have no state any more; those still here are skipped.
+        closed = isinstance(exc, GeneratorExit)
         unrun = tasks[position + 1 :]
-        for index, task in enumerate(unrun, position + 1):  # numbered as if they had run
-            _number(task, index)
-        skipped = self._record_skipped(unrun, cancelled)
+        if not closed:
+            for index, task in enumerate(unrun, position + 1):  # numbered as if they had run
+                _number(task, index)
+        skipped = self._record_skipped(unrun, cancelled, closed)
         failed = tasks[position] if position < len(tasks) else None
-        if failed is None or not hasattr(failed, "func"):
+        state = known_state(failed) if _is_task(failed) else None
+        if state is None:
             return
-        state = state_of(failed)
         run, state.pending_report = state.pending_report, None
         if run is None and not cancelled:
             run = self._report_unseen_failure(failed, exc, started_ns)
@@ -620,21 +701,32 @@ class TaskWrappers:
 
         Returns the ended run, to report; ``None`` if ours did run (it has reported already).
         """
-        if not hasattr(task, "func") or state_of(task).ran:
-            return None
-        run = self._unseen_run(task, started_ns)
+        if _is_task(task):
+            state = state_of(task)
+            if state.ran:
+                return None
+        else:  # something else in the list, awaited as ``await task()`` by Starlette's loop
+            state = _passing_state(task)
+        run = self._unseen_run(task, state, started_ns)
         self._end(run, exc)
         return run
 
-    def _record_skipped(self, tasks: Iterable[Any], cancelled: bool) -> list[str]:
+    def _record_skipped(self, tasks: Iterable[Any], cancelled: bool, closed: bool = False) -> list[str]:
         skipped: list[str] = []
         now = time_ns()
         for task in _leaves(tasks):
             with _guard:
-                state = state_of(task)
+                if not _is_task(task):  # appended to the list by hand: skipped all the same
+                    state = _passing_state(task)
+                else:
+                    state = known_state(task) if closed else state_of(task)
+                    if state is None:  # freed with the closed coroutine: told dropped already
+                        continue
                 if state.settled:
                     continue
                 state.settled = True
+                if state.coroutine is not None:  # add_task(coroutine) left unrun: closed if only the task holds it
+                    _close_unheld(state)
                 names = state.names
                 execution = _execution(task)
                 attributes: dict[str, AttributeValue] = {
@@ -656,7 +748,7 @@ class TaskWrappers:
                 "Skipped %d background task(s) because their BackgroundTasks was cancelled before they ran "
                 "(the server shutting down, or the client's connection closing): %s.",
                 len(skipped),
-                ", ".join(skipped),
+                listing(skipped),
             )
         elif skipped:
             _logger.warning(
@@ -664,14 +756,20 @@ class TaskWrappers:
                 "To run them anyway, pass continue_on_error=True to otel_bgtasks.instrument(), or set "
                 "OTEL_PYTHON_BGTASKS_CONTINUE_ON_ERROR=true.",
                 len(skipped),
-                ", ".join(skipped),
+                listing(skipped),
             )
         return skipped
 
-    async def call_fastapi_tasks(
+    def call_fastapi_tasks(
         self, wrapped: _Wrapped, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        """FastAPI >= 0.163's ``BackgroundTasks.__call__``: run Starlette's loop instead.
+        """FastAPI >= 0.163's ``BackgroundTasks.__call__``: a coroutine, as :meth:`call_task`."""
+        if args or kwargs:
+            return wrapped(*args, **kwargs)
+        return self._call_fastapi_tasks(wrapped, instance)
+
+    async def _call_fastapi_tasks(self, wrapped: _Wrapped, instance: Any) -> Any:
+        """Run Starlette's loop instead of FastAPI's.
 
         FastAPI's override differs from Starlette's only by a ``fastapi.background_task`` span around
         each task. Ours replaces it (same ``code.function.name`` and ``error.type``, and more), parented
@@ -682,17 +780,17 @@ class TaskWrappers:
         from starlette.background import BackgroundTasks
 
         if self.spans_recorded():
-            return await BackgroundTasks.__call__(instance, *args, **kwargs)
+            return await BackgroundTasks.__call__(instance)
         tasks: list[Any] = instance.tasks
         with _guard:
             for position, task in enumerate(tasks):  # as call_tasks numbers them: the failure waits for the skipped
                 _number(task, position)
         try:
-            return await wrapped(*args, **kwargs)
+            return await wrapped()
         except BaseException as exc:
             with _guard:
                 # FastAPI's loop stops where Starlette's does: at the last task that started.
-                started = [i for i, task in enumerate(tasks) if hasattr(task, "func") and state_of(task).ran]
+                started = [i for i, task in enumerate(tasks) if _ran(task)]
                 self._after_failure(tasks, started[-1] if started else 0, time_ns(), exc)
             raise
 
@@ -726,14 +824,49 @@ def _find_own_call(cls: type) -> bool:
 
 
 def _number(task: Any, index: int) -> TaskState | None:
-    """``background_task.index`` of a task in its list; a ``BackgroundTasks`` appended to the list itself has none."""
-    state: TaskState | None = getattr(task, STATE_ATTRIBUTE, None)
+    """``background_task.index`` of a task in its list; what is not a ``BackgroundTask`` (appended by hand) has none."""
+    state = states.get(id(task))
     if state is None:
-        if not hasattr(task, "func"):
+        if not _is_task(task):
             return None
         state = state_of(task)
     state.index = index
     return state
+
+
+def _close_unheld(state: TaskState) -> None:
+    """Close an ``add_task(coroutine)`` coroutine that only its task holds (see close_if_unheld)."""
+    try:
+        coroutine = None if state.coroutine is None else state.coroutine()
+        if coroutine is not None:
+            close_if_unheld(coroutine)
+    except Exception as exc:
+        internal_error(exc)
+
+
+def _is_task(obj: object) -> bool:
+    """A ``BackgroundTask`` with a function to run (``BackgroundTasks`` subclasses it, with a list instead)."""
+    return isinstance(obj, _BackgroundTask) and not isinstance(obj, _BackgroundTasks)
+
+
+def _passing_state(entry: object) -> TaskState:
+    """A state for something in a task list that is not a ``BackgroundTask``: used once, kept nowhere."""
+    return TaskState(None, otel_context.get_current(), None, describe(entry))
+
+
+def _ran(task: object) -> bool:
+    state = known_state(task) if _is_task(task) else None
+    return state is not None and state.ran
+
+
+def _cancellation(exc: BaseException) -> bool:
+    """Whether ``exc`` stops a task from outside: a cancellation, or its coroutine closed (GeneratorExit)."""
+    if isinstance(exc, GeneratorExit):
+        return True
+    try:
+        return isinstance(exc, anyio.get_cancelled_exc_class())
+    except Exception:  # no event loop running any more (it closed): asyncio's is the one it can be
+        return isinstance(exc, asyncio.CancelledError)
 
 
 def _awaitable(task: Any, call: Callable[[], Awaitable[Any]] | None, timings: ThreadTimings | None) -> Awaitable[Any]:
@@ -756,13 +889,18 @@ async def _timed_hand_off(
     kwargs: dict[str, Any],
 ) -> Any:
     """Hand a sync task to the thread pool, timing the wait for a worker and the run on it."""
+    if not callable(func):  # Starlette's own TypeError ("the first argument must be callable"), where it raises it
+        return await run_in_threadpool(func, *args, **kwargs)
 
     def on_worker(*func_args: Any, **func_kwargs: Any) -> Any:
         timings.started = perf_counter()
         try:
-            return func(*func_args, **func_kwargs)
+            returned = func(*func_args, **func_kwargs)
         finally:
             timings.finished = perf_counter()
+        if returned is not None:  # an async body that Starlette is about to drop: what it is, for the outcome
+            timings.returned = discarded_awaitable(returned)
+        return returned
 
     timings.handed_off = perf_counter()
     return await run_in_threadpool(on_worker, *args, **kwargs)
@@ -788,6 +926,13 @@ def _within(
     with anyio.fail_after(timeout) as scope:
         scopes.append(scope)
         return (yield from steps)
+
+
+def _attached_here(context: Context) -> bool:
+    try:
+        return otel_context.get_current() is context
+    except Exception:
+        return False
 
 
 def _held_too_long(blocking_max: float | None, threshold: float | None) -> bool:
@@ -819,8 +964,17 @@ def _metric_attributes(
     return attributes
 
 
+def _diagnosis(state: TaskState, error: BaseException) -> Diagnosis | None:
+    if state.problem is not None:
+        return misuse(state.problem)
+    if type(error) is DiscardedCoroutineError:
+        return misuse(str(error))
+    return diagnose(error)
+
+
 def _execution(task: Any) -> str:
-    return semconv.EXECUTION_ASYNC if task.is_async else semconv.EXECUTION_THREADPOOL
+    # Something other than a BackgroundTask in the list is awaited on the event loop: ``await task()``.
+    return semconv.EXECUTION_THREADPOOL if getattr(task, "is_async", True) is False else semconv.EXECUTION_ASYNC
 
 
 def _leave_trail(creator: Span, function_name: str) -> None:
@@ -865,43 +1019,102 @@ def _record_exception(span: Span, error: BaseException, message: str, timestamp:
         )
 
 
+# Bounds of the exception's message in the ERROR line: the whole message is on the span and in the traceback.
+_MESSAGE_MAX: Final = 200
+
+
 def _log_failure(run: TaskRun, error: BaseException) -> None:
     """One ERROR record per failed task, so failures show up even with no tracing backend.
 
-    The record is made by hand so that its ``otelTraceID``/``otelSpanID`` are the task's, also where
-    OpenTelemetry's logging instrumentation already set them (to whatever span is current now): logging
-    refuses an ``extra=`` that overwrites a field, and would drop the whole record.
+    Logged with the task span's context current, whenever the report comes (after the task's own context
+    was detached, or once its ``BackgroundTasks`` knows which tasks it left unrun): the SDK's
+    ``LoggingHandler`` gives the exported record the current span's trace and span id, and the logging
+    instrumentation's record factory its ``otelTraceID``/``otelSpanID``. The record is made by hand, at
+    the task's own location, and its fields are set here too: logging refuses an ``extra=`` that
+    overwrites a field, and would drop the whole record.
     """
     if not _logger.isEnabledFor(logging.ERROR):
         return
     span_context = run.span.get_span_context()
-    trace_id = trace.format_trace_id(span_context.trace_id)
-    span_id = trace.format_span_id(span_context.span_id)
     diagnosis = run.diagnosis
-    record = _logger.makeRecord(
-        _logger.name,
-        logging.ERROR,
-        __file__,
-        0,
-        "Background task %s failed (%s): %s [trace_id=%s span_id=%s]%s",
-        (
-            run.names.function_name,
-            run.outcome,
-            error_type(error),
-            trace_id,
-            span_id,
-            "" if diagnosis is None else f" Hint: {diagnosis.hint}",  # the fix, in the one line people read
-        ),
-        (type(error), error, error.__traceback__),
-        "_log_failure",
+    path, line, function = _failure_site(run, error)
+    # A span that is no trace (a no-op tracer, no SDK): no all-zero ids that look like one.
+    ids = (
+        f"trace_id={trace.format_trace_id(span_context.trace_id)} span_id={trace.format_span_id(span_context.span_id)}"
+        if span_context.is_valid
+        else "no trace"
     )
-    record.otelTraceID = trace_id
-    record.otelSpanID = span_id
-    record.otelTraceSampled = span_context.trace_flags.sampled
-    record.background_task = run.names.function_name
-    if diagnosis is not None:
-        setattr(record, semconv.DIAGNOSIS, diagnosis.value)
-    _logger.handle(record)
+    token = otel_context.attach(_task_context(run))
+    try:
+        record = _logger.makeRecord(
+            _logger.name,
+            logging.ERROR,
+            path,
+            line,
+            "Background task %s failed (%s): %s [%s]%s",
+            (
+                run.names.function_name,
+                run.outcome,
+                # An error whose message is the hint (an async body that never ran): said once, in full.
+                error_type(error) if diagnosis is not None and safe_str(error) == diagnosis.hint else _one_line(error),
+                ids,
+                "" if diagnosis is None else f" Hint: {diagnosis.hint}",  # the fix, in the one line people read
+            ),
+            (type(error), error, error.__traceback__),
+            function,
+        )
+        if span_context.is_valid:
+            record.otelTraceID = trace.format_trace_id(span_context.trace_id)
+            record.otelSpanID = trace.format_span_id(span_context.span_id)
+            record.otelTraceSampled = span_context.trace_flags.sampled
+        record.background_task = run.names.function_name
+        if diagnosis is not None:
+            setattr(record, semconv.DIAGNOSIS, diagnosis.value)
+        _logger.handle(record)
+    finally:
+        otel_context.detach(token)
+
+
+def _task_context(run: TaskRun) -> Context:
+    """The task's context, its span current: what was attached while it ran, made again once it has ended."""
+    return trace.set_span_in_context(run.span, run.state.context)
+
+
+def _one_line(error: BaseException) -> str:
+    """``Type: message``, the message on one line and bounded (the traceback has all of it)."""
+    message = " ".join(safe_str(error).split())
+    if len(message) > _MESSAGE_MAX:
+        message = message[: _MESSAGE_MAX - 1].rstrip() + "…"
+    name = error_type(error)
+    return f"{name}: {message}" if message else name
+
+
+def _failure_site(run: TaskRun, error: BaseException) -> tuple[str, int, str]:
+    """Where the ERROR record says it comes from: (path, line, function).
+
+    The task function's line that raised, found in the traceback; else where the task function is defined
+    (a timeout, raised around it); else where the task was created; else where the exception was raised.
+    """
+    names = run.names
+    path = names.attributes.get(semconv.CODE_FILE_PATH)
+    first_line = names.attributes.get(semconv.CODE_LINE_NUMBER)
+    has_code = isinstance(path, str) and isinstance(first_line, int)
+    deepest = None
+    traceback_ = error.__traceback__
+    while traceback_ is not None:
+        code = traceback_.tb_frame.f_code
+        if has_code and code.co_filename == path and code.co_firstlineno == first_line:
+            return code.co_filename, traceback_.tb_lineno, names.qualname
+        deepest = traceback_
+        traceback_ = traceback_.tb_next
+    if isinstance(path, str) and isinstance(first_line, int):
+        return path, first_line, names.qualname
+    if run.state.where is not None:
+        return run.state.where[0], run.state.where[1], names.qualname
+    if deepest is not None:
+        code = deepest.tb_frame.f_code
+        return code.co_filename, deepest.tb_lineno, code.co_name
+    return "<unknown>", 0, names.qualname
 
 
 def _leaves(tasks: Iterable[Any]) -> Iterator[Any]:

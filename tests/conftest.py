@@ -15,6 +15,7 @@ import wrapt
 from fastapi import FastAPI
 from fastapi import background as fastapi_background
 from opentelemetry import trace
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -23,7 +24,7 @@ from starlette import background as starlette_background
 from starlette import concurrency as starlette_concurrency
 
 import otel_bgtasks
-from otel_bgtasks import guard
+from otel_bgtasks import guard, metrics
 
 _exporter = InMemorySpanExporter()
 _provider = TracerProvider()
@@ -64,9 +65,14 @@ def exporter() -> Iterator[InMemorySpanExporter]:
 
 
 @pytest.fixture(autouse=True)
-def _clean_patches() -> Iterator[None]:
-    """Every test starts and ends uninstrumented, whatever it did."""
+def _clean_patches(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every test starts and ends uninstrumented, whatever it did, with the histograms' series bound unspent.
+
+    The bound is the process's (otel_bgtasks/metrics.py): a test that makes thousands of task functions
+    would otherwise leave every later test's new functions in the overflow series.
+    """
     otel_bgtasks.uninstrument()
+    monkeypatch.setattr(metrics, "_histogram_series", metrics._Series())  # pyright: ignore[reportPrivateUsage]
     yield
     otel_bgtasks.uninstrument()
 
@@ -100,6 +106,8 @@ def patch_state() -> dict[str, Any]:
         # instrument_app() to withdraw the request spans instrument(app) added before it.
         "FastAPIInstrumentor.instrument_app": vars(FastAPIInstrumentor)["instrument_app"],
         "FastAPIInstrumentor.uninstrument_app": vars(FastAPIInstrumentor)["uninstrument_app"],
+        # Request metrics that end with the response: proxies on each new middleware's instruments.
+        "OpenTelemetryMiddleware.__init__": vars(OpenTelemetryMiddleware)["__init__"],
     }
 
 

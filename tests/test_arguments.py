@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import reprlib
+import tracemalloc
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -14,8 +16,10 @@ from conftest import task_spans
 from fastapi import BackgroundTasks, FastAPI, Request
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, SecretStr
 from starlette.background import BackgroundTask
+from starlette.requests import HTTPConnection
+from starlette.websockets import WebSocket
 
 import otel_bgtasks
 from otel_bgtasks.arguments import ArgumentCapture
@@ -62,6 +66,28 @@ async def test_captured_arguments_are_redacted_and_truncated(
     assert pin == "pin=[redacted]"
     assert note.startswith("note='xxxx") and len(note.removeprefix("note=")) <= 24
     assert "s3cret" not in repr(dict(span.attributes))
+
+
+def pay(user: str, ssn: str, **details: Any) -> None:
+    pass
+
+
+@pytest.mark.parametrize("variable", ["ssn,iban", " SSN , iban ,", "iban,ssn"])
+async def test_redact_keys_from_the_environment_are_comma_separated(
+    tracer_provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    monkeypatch: pytest.MonkeyPatch,
+    variable: str,
+) -> None:
+    monkeypatch.setenv("OTEL_PYTHON_BGTASKS_REDACT_KEYS", variable)
+    monkeypatch.setenv("OTEL_PYTHON_BGTASKS_CAPTURE_ARGS", "true")
+    otel_bgtasks.instrument(tracer_provider=tracer_provider)
+    await BackgroundTask(pay, "ann", "078-05-1120", iban="DE89370400440532013000", payee_iban="FR14", amount=12)()
+
+    (span,) = task_spans(exporter)
+    assert span.attributes is not None
+    assert span.attributes["background_task.args"] == ("'ann'", "[redacted]")
+    assert span.attributes["background_task.kwargs"] == ("iban=[redacted]", "payee_iban=[redacted]", "amount=12")
 
 
 # -- what a task is: the parameter names used for redaction come from the callable actually queued ----------
@@ -222,6 +248,28 @@ async def test_an_argument_that_cannot_be_rendered_becomes_a_placeholder(
     ]
 
 
+def test_values_nested_deeper_than_four_levels_show_as_dots() -> None:
+    capture = ArgumentCapture(max_length=1000)
+    four_levels = [[[{"password": 1, "level": 4}]]]
+    (shown,), _ = capture.render(process, (four_levels,), {})
+    assert shown == "[[[{'password': '[redacted]', 'level': 4}]]]"
+    (shown,), _ = capture.render(process, ([four_levels],), {})
+    assert shown == "[[[[{...}]]]]"
+
+
+class UnreadableKey:
+    def __str__(self) -> str:
+        raise RuntimeError("a name that cannot be read")
+
+    def __repr__(self) -> str:
+        return "UnreadableKey()"
+
+
+def test_a_key_whose_name_cannot_be_read_counts_as_secret() -> None:
+    (shown,), _ = ArgumentCapture(max_length=1000).render(process, ({UnreadableKey(): "s3cret", "n": 1},), {})
+    assert shown == "{UnreadableKey(): '[redacted]', 'n': 1}"
+
+
 # -- rendering work is bounded by what is shown --------------------------------------------------------------
 
 
@@ -292,3 +340,245 @@ def test_a_huge_mapping_is_walked_only_as_far_as_it_is_shown() -> None:
 
     assert shown.startswith("note=CountingMapping({'key0': item, 'key1': item") and shown.endswith("…")
     assert CountingMapping.taken <= 2 * 64 and Item.reprs <= 64
+
+
+# -- a class's own repr decides what is shown; generated reprs are walked as they would show ------------------
+
+DSN = "postgresql://app:hunter2@db.internal/app"
+
+
+def masked(dsn: str) -> str:
+    return dsn.replace("hunter2", "***")
+
+
+@dataclasses.dataclass
+class DataclassWithRepr:  # repr=True, but @dataclass keeps a __repr__ written in the class body
+    dsn: str
+
+    def __repr__(self) -> str:
+        return f"DataclassWithRepr({masked(self.dsn)!r})"
+
+
+@dataclasses.dataclass(repr=False)
+class DataclassReprFalse:
+    dsn: str
+
+    def __repr__(self) -> str:
+        return f"DataclassReprFalse({masked(self.dsn)!r})"
+
+
+# The recursion guard dataclasses itself puts around the repr it generates: its own on Python 3.10-3.12, reprlib's on
+# 3.13. A hand-written repr under it is still hand-written.
+RECURSION_GUARD: Any = getattr(dataclasses, "_recursive_repr", None) or reprlib.recursive_repr()
+
+
+@dataclasses.dataclass
+class DataclassGuardedRepr:
+    dsn: str
+
+    @RECURSION_GUARD
+    def __repr__(self) -> str:
+        return f"DataclassGuardedRepr({masked(self.dsn)!r})"
+
+
+@dataclasses.dataclass
+class Settings:
+    dsn: str
+
+
+class SettingsWithRepr(Settings):  # a plain subclass overriding the repr its dataclass base generated
+    def __repr__(self) -> str:
+        return f"SettingsWithRepr({masked(self.dsn)!r})"
+
+
+@attrs.define
+class AttrsWithRepr:
+    dsn: str
+
+    def __repr__(self) -> str:
+        return f"AttrsWithRepr({masked(self.dsn)!r})"
+
+
+class PydanticWithRepr(BaseModel):
+    dsn: str
+
+    def __repr__(self) -> str:
+        return f"PydanticWithRepr({masked(self.dsn)!r})"
+
+
+class NamedTupleWithRepr(NamedTuple):
+    dsn: str
+
+    def __repr__(self) -> str:
+        return f"NamedTupleWithRepr({masked(self.dsn)!r})"
+
+
+class DictWithRepr(dict[str, str]):
+    def __repr__(self) -> str:
+        return f"DictWithRepr({ {key: masked(value) for key, value in self.items()}!r})"
+
+
+class ListWithRepr(list[str]):
+    def __repr__(self) -> str:
+        return f"ListWithRepr({[masked(value) for value in self]!r})"
+
+
+class StrWithRepr(str):
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "StrWithRepr('***')"
+
+
+OWN_REPRS = [
+    DataclassWithRepr(DSN),
+    DataclassReprFalse(DSN),
+    DataclassGuardedRepr(DSN),
+    SettingsWithRepr(DSN),
+    AttrsWithRepr(DSN),
+    PydanticWithRepr(dsn=DSN),
+    NamedTupleWithRepr(DSN),
+    DictWithRepr(url=DSN),
+    ListWithRepr([DSN]),
+    StrWithRepr(DSN),
+]
+
+
+@pytest.mark.parametrize("value", OWN_REPRS, ids=[type(value).__name__ for value in OWN_REPRS])
+async def test_a_repr_written_for_the_class_is_what_is_shown(
+    tracer_provider: TracerProvider, exporter: InMemorySpanExporter, value: object
+) -> None:
+    otel_bgtasks.instrument(tracer_provider=tracer_provider, capture_args=True, capture_args_max_length=1000)
+    await BackgroundTask(process, value)()
+
+    (span,) = task_spans(exporter)
+    assert span.attributes is not None
+    assert span.attributes["background_task.args"] == (repr(value),)
+    assert "hunter2" not in repr(dict(span.attributes)) and "***" in repr(value)
+
+
+@attrs.define
+class Endpoint:
+    url: str
+    fingerprint: str = attrs.field(repr=lambda print_: print_[:2] + "…")  # attrs' per-field repr function
+    dsn: str = attrs.field(repr=False, default=DSN)
+
+
+class Account(BaseModel):
+    username: str
+    dsn: str = Field(default=DSN, repr=False)
+    key: SecretStr
+
+
+@dataclasses.dataclass
+class Job:
+    name: str
+    dsn: str = dataclasses.field(default=DSN, repr=False)
+
+
+@dataclasses.dataclass
+class NightlyJob(Job):  # a dataclass under a dataclass: its own generated repr, its own fields
+    hour: int = 3
+
+
+class Shown(Job):  # no repr of its own: the repr its dataclass base generated, walked
+    pass
+
+
+async def test_generated_reprs_are_walked_and_what_they_hide_stays_hidden(
+    tracer_provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    otel_bgtasks.instrument(tracer_provider=tracer_provider, capture_args=True, capture_args_max_length=1000)
+    values = (
+        Endpoint("http://127.0.0.1", "fp-42"),
+        Account(username="ann", key=SecretStr("hunter2")),
+        NightlyJob("backup"),
+        Shown("vacuum"),
+        UserCreate(username="ann", password="hunter2"),
+    )
+    await BackgroundTask(process, values)()
+
+    (span,) = task_spans(exporter)
+    assert span.attributes is not None
+    assert span.attributes["background_task.args"] == (
+        "(Endpoint(url='http://127.0.0.1', fingerprint=fp…), Account(username='ann', key=SecretStr('**********')), "
+        "NightlyJob(name='backup', hour=3), Shown(name='vacuum'), UserCreate(username='ann', password='[redacted]'))",
+    )
+    assert repr(values[0]) == "Endpoint(url='http://127.0.0.1', fingerprint=fp…)"  # the same fields as attrs shows
+
+
+async def test_a_request_is_described_not_walked(
+    tracer_provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    app = FastAPI()
+
+    @app.get("/items/{item_id}")
+    async def route(item_id: int, request: Request, background_tasks: BackgroundTasks) -> dict[str, int]:
+        background_tasks.add_task(process, request, note={"request": request})
+        # Starlette's containers print every item in their own reprs: walked instead, so that keys redact.
+        background_tasks.add_task(process, request.headers, note=request.query_params)
+        return {"item_id": item_id}
+
+    otel_bgtasks.instrument(tracer_provider=tracer_provider, capture_args=True, capture_args_max_length=10_000)
+    await request(app, "GET", "/items/7?token=tk-42&page=2", headers={"X-Upstream": "up-43", "X-Auth-Key": "key-44"})
+
+    described, walked = task_spans(exporter)
+    assert described.attributes is not None and walked.attributes is not None
+    assert described.attributes["background_task.args"] == ("<Request GET /items/7>",)
+    assert described.attributes["background_task.kwargs"] == ("note={'request': <Request GET /items/7>}",)
+    (headers,) = walked.attributes["background_task.args"]  # type: ignore[misc]
+    assert headers.startswith("Headers({'host': 'test', ") and "'x-auth-key': '[redacted]'" in headers
+    assert walked.attributes["background_task.kwargs"] == ("note=QueryParams({'token': '[redacted]', 'page': '2'})",)
+    assert "key-44" not in headers and "tk-42" not in repr(walked.attributes)
+
+
+def test_a_websocket_and_a_bare_connection_are_described() -> None:
+    scope = {"type": "websocket", "path": "/ws", "query_string": b"token=tk-42", "headers": []}
+
+    async def receive() -> Any:
+        raise AssertionError("never read")
+
+    async def send(message: Any) -> None:
+        raise AssertionError("never written")
+
+    shown, _ = ArgumentCapture(max_length=1000).render(process, (WebSocket(scope, receive, send),), {})
+    assert shown == ["<WebSocket /ws>"]
+    shown, _ = ArgumentCapture(max_length=1000).render(process, (HTTPConnection(scope),), {})
+    assert shown == ["<HTTPConnection /ws>"]
+
+
+# -- a huge string costs what is shown, whatever its class ----------------------------------------------------
+
+
+class Text(str):
+    __slots__ = ()
+
+
+class Blob(bytes):
+    __slots__ = ()
+
+
+def peak_allocation(render: Callable[[], object]) -> int:
+    tracemalloc.start()
+    try:
+        render()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("value", [Text("x" * 50_000_000), Blob(b"x" * 50_000_000)], ids=["str", "bytes"])
+def test_a_huge_string_subclass_is_cut_before_it_is_rendered(value: str | bytes) -> None:
+    capture = ArgumentCapture(max_length=64)
+    args: list[str] = []
+    # A repr of the whole string would allocate 50 MB (and take ~100 ms of the event loop).
+    assert peak_allocation(lambda: args.extend(capture.render(process, (value,), {})[0])) < 100_000
+    assert args == [repr(value[:64])[:63] + "…"]
+
+
+def test_a_huge_key_is_not_searched_in_full_and_counts_as_secret() -> None:
+    capture = ArgumentCapture(max_length=64)
+    key = Text("k" * 50_000_000)
+    assert peak_allocation(lambda: capture.is_secret(key)) < 100_000
+    assert capture.is_secret(key) and capture.is_secret(b"k" * 300) and capture.is_secret("k" * 257)
+    assert not capture.is_secret("k" * 256)

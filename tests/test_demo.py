@@ -80,6 +80,11 @@ def line_with(lines: list[str], *parts: str) -> int:
     return matches[0]
 
 
+def trees(lines: list[str]) -> list[str]:
+    """The request trees: the lines before "Logged meanwhile" (whose ERROR lines repeat the errors' messages)."""
+    return lines[: line_with(lines, "Logged meanwhile")]
+
+
 def with_next(lines: list[str], index: int) -> str:
     """A line and the next one, which is where rich wraps a long line, without the tree guides."""
     return " ".join(f"{lines[index]} {lines[index + 1].lstrip(' │├└─')}".split())
@@ -122,7 +127,10 @@ def test_without_the_demo_extra_the_command_says_what_to_install(argv: list[str]
     )
     assert result.returncode == 2, result.stdout + result.stderr
     # rich.<module>: the first of rich's modules the command imports.
-    expected = r"otel-bgtasks needs the demo extra \(rich\.\w+ is missing\): pip install 'otel_bgtasks\[demo\]'\n"
+    expected = (
+        r"otel-bgtasks needs the demo extra \(rich\.\w+ is missing\): pip install 'otel_bgtasks\[demo\]' "
+        r"\(released package\) or pip install -e '\.\[demo\]' \(from a clone\)\n"
+    )
     assert re.fullmatch(expected, result.stderr), result.stderr
 
 
@@ -170,13 +178,13 @@ def test_database_cases(lines: list[str]) -> None:
     insert = line_with(lines, "INSERT INTO audit_log")
     assert task < insert
     assert depth(lines[insert]) > depth(lines[task])
-    line_with(lines, "sqlalchemy.exc.InvalidRequestError: This Session has been permanently closed")
+    line_with(trees(lines), "sqlalchemy.exc.InvalidRequestError: This Session has been permanently closed")
 
 
 def test_orm_object_used_after_the_requests_session_closed(lines: list[str]) -> None:
     request = line_with(lines, "POST /digest → 200")
     task = line_with(lines, "BackgroundTask send_activity_digest ", "✘ error")
-    error = line_with(lines, "sqlalchemy.orm.exc.DetachedInstanceError: Parent instance <User at ")
+    error = line_with(trees(lines), "sqlalchemy.orm.exc.DetachedInstanceError: Parent instance <User at ")
     assert request < task < error
     handed_over = "⚠ given the request's database session or ORM objects: args[0] is an ORM object"
     # Under the task, before the next request's tree.
@@ -186,10 +194,19 @@ def test_orm_object_used_after_the_requests_session_closed(lines: list[str]) -> 
 def test_event_loop_conflict(lines: list[str]) -> None:
     request = line_with(lines, "POST /inventory → 200")
     task = line_with(lines, "BackgroundTask sync_inventory ", "✘ error", "async")
-    error = line_with(lines, "RuntimeError: asyncio.run() cannot be called from a running event loop")
+    error = line_with(trees(lines), "RuntimeError: asyncio.run() cannot be called from a running event loop")
     assert request < task < error
     # The coroutine handed to asyncio.run() never ran; Python's warning says so, among the logs, not on stderr.
     line_with(lines, "WARNING py.warnings: RuntimeWarning: coroutine 'fetch_stock' was never awaited")
+
+
+def test_logged_errors_say_the_exceptions_message(lines: list[str]) -> None:
+    logged = line_with(
+        lines, "ERROR otel_bgtasks: Background task otel_bgtasks.cli.demo_app.charge_card failed (error)"
+    )
+    assert logged > line_with(lines, "Logged meanwhile")
+    declined = "otel_bgtasks.cli.demo_app.PaymentDeclinedError: order 1042: card declined (insufficient funds)"
+    assert declined in with_next(lines, logged)
 
 
 def test_coroutine_object_instead_of_the_function(lines: list[str]) -> None:

@@ -41,6 +41,7 @@ from pydantic import BaseModel
 from sqlalchemy import Engine, ForeignKey, String, create_engine, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+from sqlalchemy.orm.exc import DetachedInstanceError
 from sqlalchemy.pool import NullPool
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
@@ -242,6 +243,28 @@ async def test_a_loop_run_inside_the_servers_loop(
     span = assert_diagnosed(exporter, errors, LOOP, "await the coroutine instead of calling asyncio.run()")
     assert span.attributes is not None
     assert span.attributes["error.type"] == error_type
+
+
+class SyncFailed(Exception):
+    pass
+
+
+async def reraised_without_from() -> None:
+    """The app's own error raised while handling the real one: only ``__context__`` links them."""
+    try:
+        await asyncio_run_in_async_task()
+    except RuntimeError:
+        raise SyncFailed("could not sync the order")  # noqa: B904  # the mistake being diagnosed
+
+
+async def test_a_mistake_reraised_in_except_without_from_is_still_diagnosed(
+    instrument: Any, exporter: InMemorySpanExporter, errors: pytest.LogCaptureFixture
+) -> None:
+    await get(instrument(app_queueing(reraised_without_from)))
+
+    span = assert_diagnosed(exporter, errors, LOOP, "await the coroutine instead of calling asyncio.run()")
+    assert span.attributes is not None
+    assert span.attributes["error.type"] == f"{__name__}.SyncFailed"
 
 
 def in_thread(target: Callable[[], Any]) -> None:
@@ -746,6 +769,14 @@ def test_diagnose_never_raises_and_follows_chains() -> None:
             raise ValueError("bad input") from None
     except ValueError as hidden:
         assert diagnose(hidden) is None  # ``from None``: the code said the context is not the cause
+
+
+def test_a_subclass_of_a_known_exception_is_diagnosed() -> None:
+    class StaleRow(DetachedInstanceError):  # an app's own refinement of SQLAlchemy's error
+        pass
+
+    found = diagnose(StaleRow("Instance <Order> is not bound"))
+    assert found is not None and found.value == "session_outside_request"
 
 
 async def test_the_hint_reaches_sentry(

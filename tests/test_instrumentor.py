@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 from typing import Any
 
 import httpx
@@ -45,7 +48,8 @@ async def test_uninstrument_restores_every_patched_attribute_exactly(tracer_prov
     otel_bgtasks.instrument(tracer_provider=tracer_provider)
     patched = patch_state()
     assert [name for name, original in ORIGINALS.items() if original is not None and patched[name] is original] == []
-    assert hasattr(background.BackgroundTask, "_otel_original_call")
+    # contrib's marker is ours only while contrib's instrument_app() runs: the app never sees it.
+    assert not hasattr(background.BackgroundTask, "_otel_original_call")
 
     otel_bgtasks.uninstrument()
 
@@ -158,6 +162,81 @@ def test_options_from_environment_explicit_arguments_win(caplog: pytest.LogCaptu
         assert resolve({}, {"OTEL_PYTHON_BGTASKS_MODE": "sideways"}) == Options(mode="child")
     assert "OTEL_PYTHON_BGTASKS_MODE='sideways'" in caplog.text
     assert "'child', 'link'" in caplog.text
+
+
+SECONDS_OPTIONS = [("timeout", None), ("blocking_threshold", 0.1)]
+
+
+@pytest.mark.parametrize(("option", "default"), SECONDS_OPTIONS)
+@pytest.mark.parametrize("raw", ["0", "-1", "nan", "NaN", "inf", "abc", "true"])
+async def test_a_bad_seconds_variable_is_logged_and_its_default_used(
+    tracer_provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    option: str,
+    default: float | None,
+    raw: str,
+) -> None:
+    variable = f"OTEL_PYTHON_BGTASKS_{option.upper()}"
+    monkeypatch.setenv(variable, raw)
+    with caplog.at_level(logging.WARNING, logger="otel_bgtasks"):
+        otel_bgtasks.instrument(tracer_provider=tracer_provider)
+    (record,) = [r for r in caplog.records if variable in r.getMessage()]
+    assert record.levelno == logging.WARNING
+    assert record.getMessage() == (
+        f"Ignoring {variable}={raw!r}: {option} must be a number of seconds greater than 0, or None to turn it off; "
+        f"got {raw!r}. Using the default {default!r}."
+    )
+    assert otel_bgtasks.BackgroundTasksInstrumentor()._options == Options()  # pyright: ignore[reportPrivateUsage]
+
+    # What the defaults do: no timeout (a NaN one would stop every async task), the loop held 0.3 s flagged.
+    async def holds_the_loop() -> None:
+        await asyncio.sleep(0.01)
+        time.sleep(0.3)
+
+    await BackgroundTask(holds_the_loop)()
+    (span,) = task_spans(exporter)
+    assert span.attributes is not None
+    assert span.attributes["background_task.outcome"] == "success"
+    assert "background_task.timeout" not in span.attributes
+    assert [e.name for e in span.events] == ["background_task.event_loop_blocked"]
+
+
+@pytest.mark.parametrize(("option", "default"), SECONDS_OPTIONS)
+@pytest.mark.parametrize("value", [0, -1, float("nan"), float("inf"), "abc", True])
+def test_a_bad_seconds_argument_raises(option: str, default: float | None, value: object) -> None:
+    message = f"{option} must be a number of seconds greater than 0, or None to turn it off; got {value!r}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        otel_bgtasks.instrument(**{option: value})
+    assert not otel_bgtasks.BackgroundTasksInstrumentor().is_instrumented_by_opentelemetry
+
+
+@pytest.mark.parametrize(("option", "default"), SECONDS_OPTIONS)
+def test_seconds_are_read_from_the_environment(option: str, default: float | None) -> None:
+    variable = f"OTEL_PYTHON_BGTASKS_{option.upper()}"
+    assert getattr(resolve({}, {}), option) == default
+    assert getattr(resolve({}, {variable: " 2.5 "}), option) == 2.5
+    assert getattr(resolve({}, {variable: "1e-3"}), option) == 0.001
+    assert getattr(resolve({}, {variable: "off"}), option) is None
+    assert getattr(resolve({}, {variable: "None"}), option) is None
+    assert getattr(resolve({option: 7}, {variable: "2.5"}), option) == 7.0
+
+
+def test_other_options_refuse_what_they_cannot_use(caplog: pytest.LogCaptureFixture) -> None:
+    assert resolve({"capture_args_max_length": 16}).capture_args_max_length == 16
+    with pytest.raises(ValueError, match="capture_args_max_length must be a whole number of characters >= 16, got 15"):
+        resolve({"capture_args_max_length": 15})
+    with pytest.raises(ValueError, match=r"capture_args_max_length .* got True"):
+        resolve({"capture_args_max_length": True})
+    assert resolve({"sentry": "auto"}).sentry == "auto"
+    assert resolve({}, {"OTEL_PYTHON_BGTASKS_SENTRY": " AUTO "}).sentry == "auto"
+    assert resolve({}, {"OTEL_PYTHON_BGTASKS_SENTRY": "off"}).sentry is False
+    with pytest.raises(ValueError, match="sentry must be 'auto', true or false, got 'maybe'"):
+        resolve({"sentry": "maybe"})
+    with caplog.at_level(logging.WARNING, logger="otel_bgtasks"):
+        assert resolve({}, {"OTEL_PYTHON_BGTASKS_CAPTURE_ARGS_MAX_LENGTH": "8"}) == Options()
+    assert "Ignoring OTEL_PYTHON_BGTASKS_CAPTURE_ARGS_MAX_LENGTH='8'" in caplog.text
 
 
 async def test_internal_failure_never_reaches_the_task(

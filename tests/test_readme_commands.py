@@ -52,6 +52,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as SpanProto
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
 from packaging.requirements import Requirement
+from test_real_stack import stack_bin
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -205,12 +206,19 @@ def requirements_of(extras: set[str]) -> list[Requirement]:
 
 
 def assert_installed(step: str) -> None:
-    """A ``pip install`` of the project: every extra it names exists, and all they require is installed."""
+    """A ``pip install`` of the project: every extra it names exists, and all they require is installed.
+
+    All but the ``dev`` extra's lint and typing tools, which only .ci/run's newest-releases environment has.
+    """
     match = _PROJECT_EXTRAS.search(step)
     if match is None:
         assert step == "pip install -U pip", f"a set-up step this test does not know: {step}"
         return
-    for requirement in requirements_of(set(match.group(1).split(","))):
+    extras = set(match.group(1).split(","))
+    if "dev" in extras:
+        requirements_of(extras)  # it exists
+        extras = (extras - {"dev"}) | {"test"}
+    for requirement in requirements_of(extras):
         try:
             installed = version(requirement.name)
         except PackageNotFoundError:
@@ -380,9 +388,8 @@ def environment() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "FASTAPI_OTEL_", "SENTRY_"))}
     env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])
     env["PYTHONPATH"] = str(REPO)
-    # The test extra installs opentelemetry-instrumentation-logging (for the log-correlation tests), the README
-    # does not: loaded here, it would route every WARNING to the OTel logs pipeline ("none") instead of stderr.
-    env["OTEL_PYTHON_DISABLED_INSTRUMENTATIONS"] = "logging"
+    # opentelemetry-instrumentation-logging (of the test extra) stays on: its handler on the root logger sends
+    # records to the logs pipeline, and otel_bgtasks' hints must reach the terminal all the same.
     return env
 
 
@@ -482,6 +489,21 @@ def console_trees(ran: Ran) -> Trees:
     return Trees(console_spans(ran.stdout), ran.output)
 
 
+# otel_bgtasks' hints for POST /order (wrappers.py), printed on stderr next to the spans.
+ORDER_HINTS = (
+    "Background task otel_bgtasks.cli.demo_app.charge_card failed (error): "
+    "otel_bgtasks.cli.demo_app.PaymentDeclinedError",
+    "Skipped 1 background task(s) because an earlier task in the same BackgroundTasks failed: "
+    "otel_bgtasks.cli.demo_app.send_receipt.",
+)
+
+
+def assert_order_hints(ran: Ran) -> None:
+    """Each hint once, on stderr: printed, and not twice (lastResort and ours)."""
+    for hint in ORDER_HINTS:
+        assert ran.stderr.count(hint) == 1, f"{hint!r} not printed once:\n{ran.output}"
+
+
 def check_fastapi_example(ran: Ran, received: Received) -> None:
     trees = console_trees(ran)
     request = trees.request("/order")
@@ -491,6 +513,21 @@ def check_fastapi_example(ran: Ran, received: Received) -> None:
     assert charge.attributes["error.type"] == "otel_bgtasks.cli.demo_app.PaymentDeclinedError"
     assert receipt.attributes["background_task.outcome"] == "skipped"
     assert ran.replies == ['{"status":"order received"}']
+    assert_order_hints(ran)
+
+
+def check_zero_code_example(ran: Ran, received: Received) -> None:
+    check_fastapi_example(ran, received)  # the same routes, traced with no otel_bgtasks line in the app
+    trees = console_trees(ran)
+    request = trees.request("/order")
+    assert request.attributes.get("http.route") == "/order", request  # opentelemetry-instrumentation-fastapi's
+    # The lifespan's set-up queries are one trace under one span, not a trace each.
+    setup = [span for span in trees.spans if span.name == "demo database set-up"]
+    assert len(setup) == 1 and setup[0].parent_id is None, trees.names()
+    orphans = [s.name for s in trees.spans if s.kind == "CLIENT" and s.parent_id is None]
+    assert not orphans, orphans
+    queries = [s for s in trees.spans if s.trace_id == setup[0].trace_id and s is not setup[0]]
+    assert queries and all(trees.under(s, setup[0]) for s in queries), trees.names()
 
 
 def check_starlette_example(ran: Ran, received: Received) -> None:
@@ -555,6 +592,7 @@ def check_watch(ran: Ran, received: Received) -> None:
         "BackgroundTask send_receipt  ⏭ skipped",
     ):
         assert expected in ran.stdout, ran.output
+    assert_order_hints(ran)  # the watched app's stderr, passed through
     assert "Stopping reloader process" in ran.stderr, ran.output  # stopped by the one SIGINT, as by Ctrl+C
 
 
@@ -577,6 +615,7 @@ Check = Callable[[Ran, Received], None]
 _CONSOLE = "opentelemetry-instrument --traces_exporter console --metrics_exporter none --logs_exporter none uvicorn"
 SERVERS: dict[str, tuple[str | None, Check]] = {
     f"{_CONSOLE} examples.fastapi_app:app": (None, check_fastapi_example),
+    f"{_CONSOLE} examples.zero_code_app:app": ("curl -X POST localhost:8000/order", check_zero_code_example),
     f"{_CONSOLE} examples.starlette_app:app": (None, check_starlette_example),
     f"{_CONSOLE} examples.database:app": (None, check_database_example),
     "OTEL_PYTHON_BGTASKS_MODE=link opentelemetry-instrument uvicorn myapp:app   # options from the environment": (
@@ -587,7 +626,7 @@ SERVERS: dict[str, tuple[str | None, Check]] = {
         "curl -X POST 'localhost:8000/signup?address=off'",
         check_disabled,
     ),
-    "otel-bgtasks watch -- uvicorn examples.fastapi_app:app --reload": (
+    "otel-bgtasks watch -- uvicorn examples.zero_code_app:app --reload": (
         "curl -X POST localhost:8000/order",
         check_watch,
     ),
@@ -621,6 +660,21 @@ NOT_RUN: dict[str, str] = {
         "(tests/test_sentry.py runs the forwarding against a Sentry endpoint on 127.0.0.1)"
     ),
 }
+
+
+# The no-Docker stack (README, "See it"): run by test_no_docker_stack_runs_as_shown, where stack/build-stack.sh
+# has built the programs (as .ci/run does; tests/test_real_stack.py runs them in depth).
+NO_DOCKER_BUILD = "stack/build-stack.sh   # once: a few minutes cold, then it only prints where the binaries are"
+NO_DOCKER_RUN = (
+    "stack/run-stack.sh     # Collector, Jaeger and Prometheus on 127.0.0.1 with collector-config/'s files; "
+    "Ctrl-C stops them"
+)
+NO_DOCKER_APP = (
+    "OTEL_SERVICE_NAME=otel-bgtasks-example OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4318 "
+    "OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf OTEL_LOGS_EXPORTER=none OTEL_METRIC_EXPORT_INTERVAL=10000 "
+    "opentelemetry-instrument uvicorn examples.fastapi_app:app"
+)
+NO_DOCKER = (NO_DOCKER_BUILD, NO_DOCKER_RUN, NO_DOCKER_APP)
 
 
 def runnable(shown: Shown) -> str:
@@ -674,22 +728,76 @@ def test_every_command_is_run_or_listed() -> None:
     unknown = [
         f"{part!r} ({', '.join(entry.where)})"
         for entry in shown.values()
-        if (part := runnable(entry)) and part not in SERVERS and part not in ONE_SHOTS and part not in NOT_RUN
+        if (part := runnable(entry)) and not any(part in known for known in (SERVERS, ONE_SHOTS, NOT_RUN, NO_DOCKER))
     ]
     assert not unknown, "shown in the docs, neither run by this test nor listed in NOT_RUN:\n" + "\n".join(unknown)
-    stale = [command for command in (*SERVERS, *ONE_SHOTS, *NOT_RUN) if command not in parts]
+    stale = [command for command in (*SERVERS, *ONE_SHOTS, *NOT_RUN, *NO_DOCKER) if command not in parts]
     assert not stale, f"no longer shown in the docs: {stale}"
     # Every curl line either has its server run here, or belongs to a server listed as not run.
-    assert all(runnable(entry) in SERVERS or runnable(entry) in NOT_RUN for entry in shown.values() if entry.curls)
+    assert all(
+        runnable(entry) in SERVERS or runnable(entry) in NOT_RUN or runnable(entry) == NO_DOCKER_APP
+        for entry in shown.values()
+        if entry.curls
+    )
 
 
 def test_readme_shows_the_zero_code_install() -> None:
-    installs = [entry.command for entry in shown_commands().values() if entry.where[0] == "README.md"]
+    shown = shown_commands().values()
+    installs = [entry.command.split("#")[0].strip() for entry in shown if "README.md" in entry.where]
     assert "pip install 'otel_bgtasks[zero-code]'" in installs
+    assert "pip install -e '.[zero-code]'" in installs
     assert {r.name for r in requirements_of({"zero-code"})} >= {
         "opentelemetry-distro",
         "opentelemetry-instrumentation-starlette",
     }
+
+
+def test_zero_code_extra_leads_the_resolver() -> None:
+    """pip (25.1 on) resolves upper-bounded requirements first, which -starlette alone of the contrib packages has.
+
+    Each contrib package pins its own release of opentelemetry-instrumentation, and -starlette often lags a
+    patch release behind the others: resolved first, it fixes the release for them, and pip goes straight to a
+    consistent set (without, it tried 31 older -starlette releases first).
+    """
+    requirements = requirements_of({"demo"})
+    upper_bounded = {
+        r.name
+        for r in requirements
+        if r.name.startswith("opentelemetry-") and any(s.operator in ("<", "<=", "~=") for s in r.specifier)
+    }
+    assert upper_bounded == {"opentelemetry-instrumentation-starlette"}
+    assert "needs pip 25.1 or newer" in (REPO / "README.md").read_text()
+
+
+_RELEASED = re.compile(r"^pip install '(otel_bgtasks\[[a-z,-]+\])'\s+# (.+)$")
+_CLONE = re.compile(r"^pip install -e '\.(\[[a-z,-]+\])'\s+# (.+)$")
+
+
+def test_every_install_line_has_both_forms_labelled() -> None:
+    """Until the package is on PyPI, its released form fails in a fresh environment: the clone's is next to it."""
+    for where, lines in shell_blocks():
+        released = {m.group(1).removeprefix("otel_bgtasks"): m.group(2) for m in map(_RELEASED.match, lines) if m}
+        clone = {m.group(1): m.group(2) for m in map(_CLONE.match, lines) if m}
+        bare = [line for line in lines if "pip install 'otel_bgtasks[" in line and not _RELEASED.match(line)]
+        assert not bare, f"{where}: an install line without its label: {bare}"
+        # (Development's dev extra is for a clone only.)
+        assert released.keys() <= clone.keys(), f"{where}: released {sorted(released)}, from a clone {sorted(clone)}"
+        for label in released.values():
+            assert "released package" in label, f"{where}: {label!r}"
+        for label in clone.values():
+            assert "from a clone" in label, f"{where}: {label!r}"
+
+
+def test_zero_code_example_never_instruments() -> None:
+    """README's zero-code command shows the entry point at work: the app itself calls no instrument()."""
+    tree = ast.parse((REPO / "examples" / "zero_code_app.py").read_text())
+    called = [
+        node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+    ]
+    assert not [name for name in called if "instrument" in name.lower()], called
+    assert f"{_CONSOLE} examples.zero_code_app:app" in shown_commands()
 
 
 def _test_id(command: str) -> str:
@@ -705,3 +813,77 @@ def test_command_runs_as_shown(results: Results, command: str) -> None:
         raise outcome
     check = SERVERS[command][1] if command in SERVERS else ONE_SHOTS[command]
     check(outcome, results.received)
+
+
+# The variables stack/run-stack.sh takes a port from, each given a free one here.
+STACK_PORTS = re.findall(r"\$\{(STACK_\w+_PORT):-", (REPO / "stack" / "run-stack.sh").read_text())
+
+
+@pytest.mark.real_stack
+def test_no_docker_stack_runs_as_shown(tmp_path: Path) -> None:
+    directory = stack_bin()
+    if not all((directory / name).is_file() for name in ("otelcol", "jaeger")) or not shutil.which("prometheus"):
+        reason = f"the stack's programs are not built in {directory} (stack/build-stack.sh), or no prometheus"
+        if os.environ.get("STACK_REQUIRED"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    shown = shown_commands()
+    built = run_once(runnable(shown[NO_DOCKER_BUILD]), REPO)  # built already: it prints where
+    assert built.returncode == 0 and built.stdout == f"{directory}\n", built.output
+
+    assert len(STACK_PORTS) == 11, STACK_PORTS
+    ports = {variable: free_port() for variable in STACK_PORTS}
+    log = tmp_path / "stack.out"
+    with log.open("wb") as output:
+        stack = subprocess.Popen(
+            ["bash", "-c", NO_DOCKER_RUN],
+            cwd=REPO,
+            env={**environment(), **{variable: str(port) for variable, port in ports.items()}},
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # SIGINT to its process group, as Ctrl+C in a terminal
+        )
+    try:
+        deadline = time.monotonic() + START_SECONDS
+        while "ready:" not in log.read_text():
+            assert stack.poll() is None, f"exited with {stack.returncode}:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"not ready after {START_SECONDS}s:\n{log.read_text()}"
+            time.sleep(0.1)
+        prometheus = f"localhost:{ports['STACK_PROMETHEUS_PORT']}"
+        rules = json.loads(subprocess.run(["curl", "-s", f"{prometheus}/api/v1/rules"], capture_output=True).stdout)
+        assert [(g["name"], len(g["rules"])) for g in rules["data"]["groups"]] == [("otel_bgtasks", 12)]
+
+        # The app as shown, sending to this run's Collector; its curl lines as shown, to this run's ports.
+        app = NO_DOCKER_APP.replace("localhost:4318", f"localhost:{ports['STACK_OTLP_HTTP_PORT']}")
+        order, query = shown[NO_DOCKER_APP].curls
+        ran = run_server(app, REPO, [order], tmp_path)
+        assert_clean(ran)
+        assert ran.replies == ['{"status":"order received"}']
+        query = query.replace("localhost:16686", f"localhost:{ports['STACK_JAEGER_UI_PORT']}")
+        deadline = time.monotonic() + START_SECONDS
+        while True:  # the app's last spans left at its exit: Jaeger has them within a few seconds
+            reply = subprocess.run(["bash", "-c", query], capture_output=True, text=True, check=False)
+            traces = json.loads(reply.stdout)["data"] if reply.returncode == 0 and reply.stdout else None
+            spans = {span["operationName"]: span for trace in traces or [] for span in trace["spans"]}
+            if {"BackgroundTask charge_card", "BackgroundTask send_receipt"} <= set(spans):
+                break
+            assert time.monotonic() < deadline, f"{query}: {reply.stdout}{reply.stderr}\n{log.read_text()}"
+            time.sleep(0.5)
+        assert len(traces or []) == 1
+        tags = {name: {tag["key"]: tag["value"] for tag in span["tags"]} for name, span in spans.items()}
+        assert tags["BackgroundTask charge_card"]["background_task.outcome"] == "error"
+        assert tags["BackgroundTask charge_card"]["otel.status_code"] == "ERROR"
+        assert tags["BackgroundTask send_receipt"]["background_task.outcome"] == "skipped"
+        charge = spans["BackgroundTask charge_card"]
+        logs = [{f["key"]: f["value"] for f in entry["fields"]} for entry in charge["logs"]]
+        assert [entry["exception.type"] for entry in logs] == ["otel_bgtasks.cli.demo_app.PaymentDeclinedError"]
+    finally:
+        if stack.poll() is None:
+            os.killpg(stack.pid, signal.SIGINT)
+        try:
+            stack.wait(STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            os.killpg(stack.pid, signal.SIGKILL)
+            stack.wait(STOP_SECONDS)
+    assert stack.returncode == 0, log.read_text()  # Ctrl+C stops all three: a normal end

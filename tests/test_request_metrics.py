@@ -2,19 +2,21 @@
 
 Each test serves a request whose route answers at once and queues a task that holds until the test
 releases it. While the task is held (the response is complete, the task is running) the test collects
-the metrics once: with otel_bgtasks the request's duration has its data point already and
-``http.server.active_requests`` is back to 0; without it there is no data point yet and the request is
-still active, and once released its duration covers the time the task was held. Real SDK
-``MeterProvider`` with an ``InMemoryMetricReader``, real FastAPI and Starlette apps driven through httpx's
-ASGI transport (which awaits the whole app, tasks included), a real uvicorn server, and
-``opentelemetry-instrument`` in a subprocess for the zero-code setup and both semantic conventions.
+the metrics once: with otel_bgtasks ``http.server.active_requests`` is back to 0 and, once the request is
+over, its duration leaves out the time the task was held; without it the request is still active, and
+its duration covers the time the task was held. Real SDK ``MeterProvider`` with an
+``InMemoryMetricReader``, real FastAPI and Starlette apps driven through httpx's ASGI transport (which
+awaits the whole app, tasks included), a real uvicorn server, and ``opentelemetry-instrument`` in a
+subprocess for the zero-code setup and both semantic conventions.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -41,6 +43,7 @@ from packaging.version import Version
 from sentry_sdk.integrations.starlette import StarletteIntegration
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
+from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -192,11 +195,18 @@ MS_ROUNDING = 0.0005  # the old convention records whole milliseconds, rounded
 
 
 def assert_ends_with_response(served: Served) -> None:
-    """The request's data point was there while its task ran, the request no longer active, nothing after."""
-    point = only_duration(served.during)
+    """The request no longer active while its task ran; its duration leaves the task's time out.
+
+    Contrib records the duration once its call is over, after the tasks: the data point comes then (a
+    release that recorded it at the response would have it while the task ran, the same value).
+    """
     assert served.during.active == 0
-    assert served.after == served.during
-    assert point.seconds <= served.until_snapshot + MS_ROUNDING
+    assert served.during.durations in ({}, served.after.durations)
+    only_duration(served.after)
+    assert served.after.active == 0
+    for point in (point for points in served.after.durations.values() for point in points):  # ms and s alike
+        assert point.seconds <= served.until_snapshot + MS_ROUNDING
+        assert point.seconds < served.held_seconds  # the task was held at least HOLD_SECONDS
 
 
 def assert_includes_task(served: Served) -> None:
@@ -444,9 +454,15 @@ async def test_requests_without_tasks_record_what_they_did(setups: Callable[[str
 
             return StreamingResponse(chunks())
 
+        @app.get("/raises")
+        async def raises() -> None:
+            raise TaskFailed("route broke")
+
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
             for path in ("/plain", "/plain", "/stream"):
                 assert (await client.get(path)).status_code == 200
+            with pytest.raises(TaskFailed, match="route broke"):
+                await client.get("/raises")
         state = snapshot(setup.reader)
         assert state.active == 0
         recorded.append({(n, p.attributes, p.count) for n, found in state.durations.items() for p in found})
@@ -493,6 +509,52 @@ async def test_two_middlewares_each_end_with_the_response(tracer_provider: Trace
     otel_bgtasks.instrument(app, tracer_provider=tracer_provider)
     for served in await serve_held_all(app, held, readers):
         assert_ends_with_response(served)
+    # In the caller's context (an in-process client) what is left is the last request's holder, finished and
+    # linked to nothing still running: the next request replaces it, nothing accumulates.
+    left: Any = request_metrics._current.get()  # pyright: ignore[reportPrivateUsage]
+    assert left is None or (left[request_metrics._FINISHED] and left[request_metrics._OUTER][request_metrics._FINISHED])  # pyright: ignore[reportPrivateUsage]
+
+
+async def passing_through(request: Request, call_next: Any) -> Response:
+    return await call_next(request)
+
+
+@pytest.mark.parametrize("where", ["inside", "outside"])
+async def test_base_http_middleware(tracer_provider: TracerProvider, where: str) -> None:
+    """Starlette's BaseHTTPMiddleware runs what is inside it in a task group's task, in a copy of the context."""
+    reader = InMemoryMetricReader()
+    held = Held()
+    app = fastapi_app(held)
+    contrib = {"tracer_provider": tracer_provider, "meter_provider": MeterProvider([reader])}
+    if where == "inside":  # Starlette wraps the later one around the earlier one
+        app.add_middleware(BaseHTTPMiddleware, dispatch=passing_through)
+        app.add_middleware(OpenTelemetryMiddleware, **contrib)
+    else:
+        app.add_middleware(OpenTelemetryMiddleware, **contrib)
+        app.add_middleware(BaseHTTPMiddleware, dispatch=passing_through)
+    otel_bgtasks.instrument(tracer_provider=tracer_provider)
+    assert_ends_with_response(await serve_held(app, held, reader))
+
+
+def test_instruments_copy_and_pickle_as_contribs() -> None:
+    """The proxies on a middleware's instruments copy and pickle as the instruments themselves (wrapt's refuse)."""
+
+    def outcomes() -> list[str]:
+        found = []
+        for meter_provider in (None, MeterProvider()):
+            middleware = OpenTelemetryMiddleware(Starlette(), meter_provider=meter_provider)
+            histogram = getattr(middleware, "duration_histogram_old", None) or middleware.duration_histogram
+            for instrument in (middleware.active_requests_counter, histogram):
+                for how in (copy.copy, copy.deepcopy, lambda i: pickle.loads(pickle.dumps(i))):
+                    try:
+                        found.append(type(how(instrument)).__qualname__)
+                    except Exception as exc:
+                        found.append(f"{type(exc).__name__}: {exc}")
+        return found
+
+    uninstrumented = outcomes()
+    otel_bgtasks.instrument()
+    assert outcomes() == uninstrumented
 
 
 class NotingHeld(Held):
@@ -510,8 +572,7 @@ class NotingHeld(Held):
 
 @pytest.mark.parametrize("name", SETUPS)
 async def test_recorded_before_the_task_begins(setups: Callable[[str, bool], Setup], name: str) -> None:
-    """The split stops the app at the step that completed the response, not at its next suspension: a server
-    whose last ``send`` does not suspend (uvicorn's) would otherwise run the task's start before contrib records."""
+    """The request is off the active count before the task's first line runs, even a task that never awaits."""
     setup = setups(name, True)
     held = NotingHeld(setup.reader)
     served = await serve_held(setup.app(held), held, setup.reader)
@@ -567,25 +628,29 @@ async def test_sentry_wraps_the_middleware_too(tracer_provider: TracerProvider) 
 
 
 @pytest.fixture
-def original_call() -> Any:
-    """Contrib's ``__call__`` as this test found it (sentry-sdk's Starlette integration may have wrapped it)."""
-    return vars(OpenTelemetryMiddleware)["__call__"]
+def original_methods() -> dict[str, Any]:
+    """Contrib's ``__call__`` and ``__init__`` as this test found them (sentry-sdk may have wrapped ``__call__``)."""
+    return {name: vars(OpenTelemetryMiddleware)[name] for name in ("__call__", "__init__")}
 
 
-def assert_contrib_untouched(original_call: Any) -> None:
-    assert vars(OpenTelemetryMiddleware)["__call__"] is original_call
+def assert_contrib_untouched(original: dict[str, Any]) -> None:
+    assert {name: vars(OpenTelemetryMiddleware)[name] for name in original} == original
     assert "app" not in vars(OpenTelemetryMiddleware)
 
 
-def test_uninstrument_restores_contrib_exactly(original_call: Any) -> None:
-    assert_contrib_untouched(original_call)
+def test_uninstrument_restores_contrib_exactly(original_methods: dict[str, Any]) -> None:
+    assert_contrib_untouched(original_methods)
     otel_bgtasks.instrument()
-    assert vars(OpenTelemetryMiddleware)["__call__"] is not original_call
+    assert vars(OpenTelemetryMiddleware)["__call__"] is original_methods["__call__"]  # never touched
+    assert vars(OpenTelemetryMiddleware)["__init__"] is not original_methods["__init__"]
+    assert not hasattr(OpenTelemetryMiddleware, "app")
     otel_bgtasks.uninstrument()
-    assert_contrib_untouched(original_call)
+    assert_contrib_untouched(original_methods)
 
 
-async def test_uninstrument_while_a_request_is_split(setups: Callable[[str, bool], Setup], original_call: Any) -> None:
+async def test_uninstrument_while_a_task_runs(
+    setups: Callable[[str, bool], Setup], original_methods: dict[str, Any]
+) -> None:
     """A request whose metrics ended with its response finishes normally, counted once, after uninstrument()."""
     setup = setups("add_middleware by hand", True)
     held = Held()
@@ -593,8 +658,9 @@ async def test_uninstrument_while_a_request_is_split(setups: Callable[[str, bool
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
         request = asyncio.create_task(client.get("/"))
         await wait_for(held.started)
+        assert snapshot(setup.reader).active == 0
         otel_bgtasks.uninstrument()
-        assert_contrib_untouched(original_call)
+        assert_contrib_untouched(original_methods)
         held.release.set()
         assert (await asyncio.wait_for(request, WAIT_SECONDS)).status_code == 200
     state = snapshot(setup.reader)
@@ -602,7 +668,7 @@ async def test_uninstrument_while_a_request_is_split(setups: Callable[[str, bool
     assert state.active == 0
 
 
-def test_option_and_environment_variable(monkeypatch: pytest.MonkeyPatch, original_call: Any) -> None:
+def test_option_and_environment_variable(monkeypatch: pytest.MonkeyPatch, original_methods: dict[str, Any]) -> None:
     assert resolve({}, {}).request_metrics_end_at_response is True
     variable = "OTEL_PYTHON_BGTASKS_REQUEST_METRICS_END_AT_RESPONSE"
     assert resolve({}, {variable: "false"}).request_metrics_end_at_response is False
@@ -612,44 +678,62 @@ def test_option_and_environment_variable(monkeypatch: pytest.MonkeyPatch, origin
 
     monkeypatch.setenv(variable, "off")
     otel_bgtasks.instrument()
-    assert_contrib_untouched(original_call)
+    assert_contrib_untouched(original_methods)
 
 
-class EndsAtResponse:
-    """A request middleware that already does what contrib's does not: duration and active count at the response."""
+class EndsAtResponse(OpenTelemetryMiddleware):
+    """What a contrib release that fixes #3591 would do: record with its own instruments at the last body chunk."""
 
-    def __init__(self, app: Any, tracer_provider: Any = None, meter: Any = None, durations_only: bool = False) -> None:
-        self.app = app
-        self.duration = meter.create_histogram(name=NEW_DURATION, unit="s")
-        self.active = meter.create_up_down_counter(name=ACTIVE, unit="{request}")
-        self.durations_only = durations_only  # like the fix proposed for #3591: the active count still at the end
+    durations_only = False  # True: like the fix proposed for #3591, the active count still at the call's end
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
         start = time.perf_counter()
-        self.active.add(1, {})
+        attributes = {"http.method": scope["method"]}
+        self.active_requests_counter.add(1, attributes)
+        recorded = False
+
+        def record() -> None:
+            histogram = getattr(self, "duration_histogram_old", None) or getattr(self, "duration_histogram", None)
+            assert histogram is not None
+            histogram.record(max(round((time.perf_counter() - start) * 1000), 0), attributes)
 
         async def ending_send(message: Any) -> None:
+            nonlocal recorded
             await send(message)
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                self.duration.record(time.perf_counter() - start, {})
+            if message["type"] == "http.response.body" and not message.get("more_body", False) and not recorded:
+                recorded = True
+                record()
                 if not self.durations_only:
-                    self.active.add(-1, {})
+                    self.active_requests_counter.add(-1, attributes)
 
-        await self.app(scope, receive, ending_send)
-        if self.durations_only:
-            self.active.add(-1, {})
+        try:
+            await self.app(scope, receive, ending_send)
+        finally:
+            if not recorded:
+                record()
+            if self.durations_only or not recorded:
+                self.active_requests_counter.add(-1, attributes)
 
 
-def test_a_release_that_ends_at_the_response_is_left_alone(monkeypatch: pytest.MonkeyPatch, original_call: Any) -> None:
-    assert request_metrics.ends_at_response(EndsAtResponse)
-    assert not request_metrics.ends_at_response(
-        lambda *args, **kwargs: EndsAtResponse(*args, **kwargs, durations_only=True)
-    )
-    assert not request_metrics.ends_at_response(OpenTelemetryMiddleware)  # every contrib release to date
+class EndsDurationsAtResponse(EndsAtResponse):
+    durations_only = True
 
-    monkeypatch.setattr(request_metrics, "ends_at_response", lambda middleware: True)
-    otel_bgtasks.instrument()
-    assert_contrib_untouched(original_call)
+
+@pytest.mark.parametrize("middleware", [EndsAtResponse, EndsDurationsAtResponse])
+async def test_a_release_that_ends_at_the_response_is_measured_as_it_measures(
+    tracer_provider: TracerProvider, middleware: type[EndsAtResponse]
+) -> None:
+    """Records made before the first task pass through as they are: no second decrement, no adjusted duration."""
+    reader = InMemoryMetricReader()
+    held = Held()
+    app = fastapi_app(held)
+    app.add_middleware(middleware, tracer_provider=tracer_provider, meter_provider=MeterProvider([reader]))
+    otel_bgtasks.instrument(tracer_provider=tracer_provider)
+    served = await serve_held(app, held, reader)
+    assert served.during.durations == served.after.durations != {}  # recorded at the response, by the middleware
+    assert_ends_with_response(served)
 
 
 # -- Zero-code, both semantic conventions -----------------------------------------------------------

@@ -288,6 +288,36 @@ async def test_builtin_exception_is_one_event_too(receiver: EnvelopeReceiver, tr
     assert event["tags"]["background_task"] == "lookup"
 
 
+@pytest.mark.parametrize("asked", ["argument", "environment"])
+async def test_sentry_true_forwards_exactly_one_event_per_failure(
+    receiver: EnvelopeReceiver,
+    tracer_provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    monkeypatch: pytest.MonkeyPatch,
+    asked: str,
+) -> None:
+    init_sentry(receiver.dsn, framework_integrations=True)
+    if asked == "environment":
+        monkeypatch.setenv("OTEL_PYTHON_BGTASKS_SENTRY", "true")
+        app = otel_bgtasks.instrument(app_with((charge_async, CARD)), tracer_provider=tracer_provider)
+    else:
+        app = otel_bgtasks.instrument(app_with((charge_async, CARD)), tracer_provider=tracer_provider, sentry=True)
+
+    for order in (7, 8, 9):
+        assert (await post(app, f"/orders/{order}")).json() == {"order": order}
+    sentry_sdk.flush(timeout=5)
+
+    spans = task_spans(exporter)
+    assert len(spans) == 3 and len(receiver.events) == 3
+    assert sorted(event["tags"]["otel.span_id"] for event in receiver.events) == sorted(
+        trace.format_span_id(span.context.span_id) for span in spans
+    )
+    for event in receiver.events:
+        assert event["tags"]["background_task"] == "charge_async"
+        (exception,) = event["exception"]["values"]
+        assert (exception["type"], exception["mechanism"]["type"]) == ("CardDeclined", "otel_bgtasks")
+
+
 # -- Off the happy path: memory, and a sync task's timeout inside BackgroundTasks -----------------
 
 

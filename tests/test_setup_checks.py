@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 from _servers import recording
-from conftest import task_spans
+from conftest import needs_native_telemetry, task_spans
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
@@ -128,9 +128,11 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def run_script(tmp_path: Path, launcher: list[str], *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+def run_script(
+    tmp_path: Path, launcher: list[str], *args: str, source: str = SCRIPT, **env: str
+) -> subprocess.CompletedProcess[str]:
     script = tmp_path / "no_sdk.py"
-    script.write_text(SCRIPT)
+    script.write_text(source)
     environ = {key: value for key, value in os.environ.items() if not key.startswith(("OTEL_", "FASTAPI_OTEL_"))}
     completed = subprocess.run(
         [*launcher, str(script), *args],
@@ -162,11 +164,74 @@ def test_no_sdk_warns_once(tmp_path: Path, under: str) -> None:
     warnings = [line for line in completed.stderr.splitlines() if NO_SDK in line]
     assert len(warnings) == 1, completed.stderr
     assert "tracer_provider= to otel_bgtasks.instrument()" in warnings[0]
-    assert "pip install 'otel_bgtasks[zero-code]'" in warnings[0]
+    assert "pip install 'otel_bgtasks[zero-code]' (released package) or pip install -e '.[zero-code]'" in warnings[0]
     assert NO_REQUEST_SPAN not in completed.stderr  # the cause is said, not its consequence
 
 
 def test_no_sdk_warning_when_a_tracer_provider_is_given(tmp_path: Path) -> None:
     completed = run_script(tmp_path, [sys.executable], "given")
+    assert NO_SDK not in completed.stderr
+    assert NO_REQUEST_SPAN not in completed.stderr
+
+
+FOLLOWED_SCRIPT = textwrap.dedent(
+    """
+    import asyncio
+    import sys
+
+    import httpx
+    from fastapi import BackgroundTasks, FastAPI
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    import otel_bgtasks
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()  # the app's own; the global one is never set
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    if sys.argv[1] == "native":
+        app = FastAPI(telemetry={"tracer_provider": provider})
+    else:
+        app = FastAPI(telemetry={"tracing": False, "metrics": False, "logs": False})
+
+
+    def deliver(order):
+        print("delivered", order)
+
+
+    @app.get("/")
+    async def route(background_tasks: BackgroundTasks):
+        background_tasks.add_task(deliver, 7)
+        return "ok"
+
+
+    if sys.argv[1] == "native":
+        app = otel_bgtasks.instrument(app)
+    else:
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+        otel_bgtasks.instrument()
+        FastAPIInstrumentor.instrument_app(app, tracer_provider=provider)
+
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            for _ in range(2):
+                assert (await client.get("/")).status_code == 200
+
+
+    asyncio.run(main())
+    tasks = [s for s in exporter.get_finished_spans() if s.name == "BackgroundTask deliver"]
+    print("task spans", len(tasks), "children", sum(s.parent is not None for s in tasks))
+    """
+)
+
+
+@pytest.mark.parametrize("given_to", [pytest.param("native", marks=needs_native_telemetry), "contrib instrument_app"])
+def test_no_sdk_warning_when_task_spans_follow_the_apps_provider(tmp_path: Path, given_to: str) -> None:
+    """The app gave FastAPI's telemetry or contrib's instrument_app() a provider: task spans go there too."""
+    completed = run_script(tmp_path, [sys.executable], given_to.split()[0], source=FOLLOWED_SCRIPT)
+    assert "task spans 2 children 2" in completed.stdout  # exported, under the request spans
     assert NO_SDK not in completed.stderr
     assert NO_REQUEST_SPAN not in completed.stderr

@@ -449,6 +449,45 @@ async def test_task_exception_is_the_same_object_and_context_is_restored(tracer_
     assert trace.get_current_span() is before
 
 
+@pytest.mark.parametrize("blocking_threshold", [0.1, None], ids=["event_loop_timed", "untimed"])
+async def test_context_is_restored_after_a_task_that_succeeds(
+    tracer_provider: TracerProvider, blocking_threshold: float | None
+) -> None:
+    async def async_task() -> None:
+        pass
+
+    otel_bgtasks.instrument(tracer_provider=tracer_provider, blocking_threshold=blocking_threshold)
+    with tracer_provider.get_tracer("tests").start_as_current_span("route") as route:
+        await BackgroundTask(async_task)()
+        assert trace.get_current_span() is route
+        await BackgroundTask(send_email, "ann")()
+        assert trace.get_current_span() is route
+    assert trace.get_current_span() is trace.INVALID_SPAN
+
+
+@pytest.mark.parametrize("blocking_threshold", [0.1, None], ids=["event_loop_timed", "untimed"])
+async def test_a_task_closed_while_it_waits_runs_its_finally_in_its_span(
+    tracer_provider: TracerProvider, exporter: InMemorySpanExporter, blocking_threshold: float | None
+) -> None:
+    """``close()`` of the awaiting coroutine (a suspended one dropped) reaches the task, as uninstrumented."""
+    seen: list[object] = []
+
+    async def waits() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            seen.append(trace.get_current_span().get_span_context().span_id)
+
+    otel_bgtasks.instrument(tracer_provider=tracer_provider, blocking_threshold=blocking_threshold)
+    awaiting = BackgroundTask(waits)()
+    awaiting.send(None)
+    awaiting.close()
+    seen.append("closed")
+
+    (span,) = task_spans(exporter)
+    assert seen == [span.context.span_id, "closed"]
+
+
 async def test_task_sees_its_own_span_as_current(
     tracer_provider: TracerProvider, exporter: InMemorySpanExporter
 ) -> None:

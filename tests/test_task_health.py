@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import logging
 import sys
 import threading
@@ -362,10 +363,13 @@ async def send_email(address: str) -> None:
     pass
 
 
-def bad_input_app() -> Starlette:
+def bad_input_app(made: list[Any] | None = None) -> Starlette:
     async def route(request: Request) -> Response:
         tasks = BackgroundTasks()
-        tasks.add_task(send_email("a@example.com"))  # type: ignore[arg-type]  # the mistake
+        coroutine = send_email("a@example.com")
+        if made is not None:
+            made.append(coroutine)
+        tasks.add_task(coroutine)  # type: ignore[arg-type]  # the mistake
         return PlainTextResponse("answered", background=tasks)
 
     return Starlette(routes=[Route("/", route)])
@@ -398,17 +402,25 @@ async def test_strict_raises_type_error_and_the_request_still_answers(instrument
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        coroutine = send_email("x")
         with pytest.raises(TypeError, match=r"add_task\(send_email, \*args, \*\*kwargs\)"):
-            BackgroundTasks().add_task(send_email("x"))  # type: ignore[arg-type]
+            BackgroundTasks().add_task(coroutine)  # type: ignore[arg-type]
+        # Left as it was: the app holds it (it may still await it), and Python warns if nobody does.
+        assert inspect.getcoroutinestate(coroutine) == inspect.CORO_CREATED
+        coroutine.close()
         with pytest.raises(TypeError, match="given a dict, which is not callable"):
             BackgroundTask({"not": "callable"})  # type: ignore[arg-type]
         gc.collect()
 
-    app = otel_bgtasks.instrument(bad_input_app())
+    made: list[Any] = []
+    app = otel_bgtasks.instrument(bad_input_app(made))
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
         response = await client.get("/")
     assert response.status_code == 500  # Starlette's own answer to an exception in the route
+    # Left to the app, which still holds it (as whoever keeps the route's traceback, Sentry say, may): never closed.
+    assert [inspect.getcoroutinestate(c) for c in made] == [inspect.CORO_CREATED]
+    made[0].close()
 
 
 async def test_not_callable_never_logs_its_value(instrument: Any, caplog: pytest.LogCaptureFixture) -> None:
@@ -624,6 +636,32 @@ async def test_async_timeout_message_does_not_blame_threads(instrument: Any, exp
     assert "thread" not in message
 
 
+@pytest.mark.parametrize("timed", [True, False], ids=["event_loop_timed", "blocking_threshold_none"])
+async def test_a_tasks_own_timeout_error_is_an_error_not_a_timeout(
+    instrument: Any, exporter: InMemorySpanExporter, timed: bool
+) -> None:
+    instrument(timeout=30, **({} if timed else {"blocking_threshold": None}))
+
+    async def calls_a_slow_service() -> None:
+        await asyncio.wait_for(asyncio.Event().wait(), 0.01)  # the task's own deadline, not ours
+
+    def times_out_itself() -> None:
+        raise TimeoutError("the SMTP server did not answer")
+
+    for func in (calls_a_slow_service, times_out_itself):
+        with pytest.raises(TimeoutError):
+            await BackgroundTask(func)()
+
+    for span in task_spans(exporter):
+        assert span.attributes is not None
+        assert span.attributes["background_task.outcome"] == "error"
+        assert span.attributes["error.type"] == "TimeoutError"
+        assert span.attributes["background_task.timeout"] == 30
+        assert span.status.status_code is StatusCode.ERROR
+        assert "timeout" not in str(span.status.description)
+    assert len(task_spans(exporter)) == 2
+
+
 async def test_queue_delay_is_in_seconds(
     instrument: Any, reader: InMemoryMetricReader, exporter: InMemorySpanExporter
 ) -> None:
@@ -647,6 +685,76 @@ async def test_queue_delay_is_in_seconds(
     (point,) = points(metrics_by_name(reader)["background_task.queue.duration"]).values()
     assert point.count == 1
     assert 0.1 <= point.sum < 10
+
+
+class ChargeTask(BackgroundTask):
+    """A subclass with its own ``__call__`` (FastAPI's tests have one) that fails before reaching Starlette's."""
+
+    async def __call__(self) -> None:
+        raise ValueError("card declined")
+
+
+@pytest.mark.parametrize("continue_on_error", [False, True], ids=["default", "continue_on_error"])
+async def test_queue_delay_of_a_failing_subclass_with_its_own_call_is_in_seconds(
+    instrument: Any, reader: InMemoryMetricReader, exporter: InMemorySpanExporter, continue_on_error: bool
+) -> None:
+    instrument(queue_duration_metric=True, continue_on_error=continue_on_error)
+    app = FastAPI(**WITHOUT_NATIVE_TELEMETRY)
+
+    @app.get("/")
+    async def route(background_tasks: FastAPIBackgroundTasks) -> dict[str, bool]:
+        background_tasks.tasks.append(ChargeTask(ok))
+        await asyncio.sleep(0.1)  # not synchronisation: the delay being measured (the task waits for the response)
+        return {"ok": True}
+
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        assert (await client.get("/")).json() == {"ok": True}
+
+    (span,) = task_spans(exporter)
+    assert span.attributes is not None
+    assert span.attributes["background_task.outcome"] == "error"
+    assert span.attributes["error.type"] == "ValueError"
+    assert 0.1 <= span.attributes["background_task.queue.duration"] < 10  # in ms it would be >= 100
+    (point,) = points(metrics_by_name(reader)["background_task.queue.duration"]).values()
+    assert point.count == 1
+    assert point.sum == span.attributes["background_task.queue.duration"]
+
+
+async def test_a_failed_or_timed_out_tasks_duration_is_in_seconds(
+    instrument: Any, reader: InMemoryMetricReader, exporter: InMemorySpanExporter
+) -> None:
+    """The end of a run with something to report (not the short success path) records seconds too."""
+    instrument()
+
+    async def fails_after_200ms() -> None:
+        await asyncio.sleep(0.2)
+        raise ValueError("no stock")
+
+    @otel_bgtasks.task_options(timeout=0.2)
+    async def hangs() -> None:
+        await asyncio.Event().wait()
+
+    with pytest.raises(ValueError):
+        await BackgroundTask(fails_after_200ms)()
+    with pytest.raises(TimeoutError):
+        await BackgroundTask(hangs)()
+
+    # Only this test's two: a task an earlier test left unrun may be reported as it is freed, at any time.
+    ours = ("fails_after_200ms", "hangs")
+    spans = {(s.attributes or {})["background_task.outcome"]: s for s in task_spans(exporter) if s.name.endswith(ours)}
+    recorded = {
+        dict(key)["background_task.outcome"]: point
+        for key, point in points(metrics_by_name(reader)["background_task.duration"]).items()
+        if str(dict(key)["code.function.name"]).endswith(ours)
+    }
+    assert sorted(recorded) == sorted(spans) == ["error", "timeout"]
+    for outcome, point in recorded.items():
+        span = spans[outcome]
+        assert span.end_time is not None and span.start_time is not None
+        assert point.count == 1
+        assert point.sum == pytest.approx((span.end_time - span.start_time) / 1e9, abs=1e-6)
+        assert 0.2 <= point.sum < 0.2 + 0.5  # seconds, not milliseconds
 
 
 @pytest.fixture

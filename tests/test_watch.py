@@ -15,6 +15,7 @@ import subprocess
 import sys
 import termios
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any, cast
 import httpx
 import pytest
 from _collector import collector
-from _servers import closed_port
+from _servers import WAIT_SECONDS, closed_port
 from fastapi import BackgroundTasks, FastAPI
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.exporter.otlp.proto.http import Compression
@@ -318,6 +319,9 @@ def test_exit_status_is_the_commands(tmp_path: Path) -> None:
         return subprocess.run(argv, cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=60)
 
     assert watch(sys.executable, "-c", "raise SystemExit(3)").returncode == 3
+    for signum in (signal.SIGKILL, signal.SIGTERM):  # killed by a signal: 128 + its number, as a shell says
+        killed = watch(sys.executable, "-c", f"import os; os.kill(os.getpid(), {int(signum)})")
+        assert killed.returncode == 128 + signum
     missing = watch("no-such-command-here")
     assert (missing.returncode, missing.stderr) == (
         127,
@@ -326,6 +330,30 @@ def test_exit_status_is_the_commands(tmp_path: Path) -> None:
     usage = subprocess.run([OTEL_BGTASKS, "watch"], capture_output=True, text=True, timeout=60)
     assert usage.returncode == 2
     assert "say which command to run, e.g. otel-bgtasks watch -- uvicorn myapp:app --reload" in usage.stderr
+
+
+def test_watch_terminated_stops_the_command_and_exits_as_it_was_killed(tmp_path: Path) -> None:
+    """SIGTERM to the watch goes on to the command; a command that dies of it gives 128 + 15."""
+    started = tmp_path / "started"
+    command = f"import pathlib, time; pathlib.Path({str(started)!r}).touch(); time.sleep(60)"
+    watch = subprocess.Popen(
+        [OTEL_BGTASKS, "watch", "--", sys.executable, "-c", command],
+        cwd=tmp_path,
+        env=environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + WAIT_SECONDS
+        while not started.exists():
+            assert time.monotonic() < deadline and watch.poll() is None, "the command never started"
+            time.sleep(0.05)
+        watch.send_signal(signal.SIGTERM)
+        assert watch.wait(timeout=WAIT_SECONDS) == 128 + signal.SIGTERM
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait()
 
 
 # -- Its parts --------------------------------------------------------------------------------------

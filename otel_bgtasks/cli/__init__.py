@@ -1,6 +1,7 @@
 """The ``otel-bgtasks`` command line: see your background tasks' spans in the terminal.
 
-Usage (needs the ``demo`` extra: ``pip install 'otel_bgtasks[demo]'``)::
+Usage (needs the ``demo`` extra: ``pip install 'otel_bgtasks[demo]'`` for the released package,
+``pip install -e '.[demo]'`` from a clone of the repository)::
 
     otel-bgtasks demo                 # or: otel-bgtasks, or: python -m otel_bgtasks.cli demo
     otel-bgtasks demo --otlp-endpoint http://localhost:4318   # send the spans to a collector instead
@@ -28,9 +29,10 @@ import sys
 from collections.abc import Generator, Sequence
 from contextlib import contextmanager
 
+from otel_bgtasks.install import pip_install
 from otel_bgtasks.version import __version__
 
-INSTALL_DEMO_EXTRA = "pip install 'otel_bgtasks[demo]'"
+INSTALL_DEMO_EXTRA = pip_install("demo")
 
 
 class MissingExtraError(ImportError):

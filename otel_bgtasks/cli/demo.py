@@ -2,7 +2,8 @@
 
 The app is :mod:`otel_bgtasks.cli.demo_app`, served by a real uvicorn server on a free local port, so
 that background tasks run exactly as in production: after the response, in the server's event loop.
-Needs the ``demo`` extra (``pip install 'otel_bgtasks[demo]'``); see :mod:`otel_bgtasks.cli` for the command.
+Needs the ``demo`` extra (``pip install 'otel_bgtasks[demo]'``, or ``pip install -e '.[demo]'`` from a clone);
+see :mod:`otel_bgtasks.cli` for the command.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ They live in the package, not in ``examples/``, so that the installed console sc
   That uses the global tracer provider, so set it (or run under ``opentelemetry-instrument``) first.
 
 Importing this module creates no engine and instruments nothing: the app's lifespan does, when it starts.
-Requires the ``demo`` extra: ``pip install 'otel_bgtasks[demo]'``.
+Requires the ``demo`` extra: ``pip install 'otel_bgtasks[demo]'`` (released package) or
+``pip install -e '.[demo]'`` (from a clone of the repository).
 """
 
 from __future__ import annotations
@@ -207,8 +208,10 @@ async def database_lifespan(app: FastAPI) -> AsyncGenerator[None]:
     if ours:
         instrumentor.instrument(engine=database.engine.sync_engine, skip_dep_check=True)
     try:
-        async with database.engine.begin() as connection:
-            await connection.run_sync(Base.metadata.create_all)
+        # Under one span: its connect, PRAGMA and CREATE queries would otherwise each be a trace of its own.
+        with tracer.start_as_current_span("demo database set-up"):
+            async with database.engine.begin() as connection:
+                await connection.run_sync(Base.metadata.create_all)
         app.state.database = database
         yield
     finally:

@@ -1,0 +1,285 @@
+"""One Sentry event per task failure, and every other event the app would have sent without otel_bgtasks.
+
+Each case runs the same app served by a real uvicorn on 127.0.0.1 twice, Sentry initialised both times
+(events sent over HTTP to a receiver on 127.0.0.1): uninstrumented, then instrumented. The server is
+stopped gracefully before counting, so every background task has run and every event has been sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import sentry_sdk
+from _servers import serving
+from opentelemetry.sdk.trace import TracerProvider
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask, BackgroundTasks
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+from test_sentry import EnvelopeReceiver, init_sentry
+
+import otel_bgtasks
+from otel_bgtasks import sentry
+
+
+class CardDeclined(Exception):
+    pass
+
+
+class AuditError(Exception):
+    pass
+
+
+class CleanupFailed(Exception):
+    pass
+
+
+async def notify_followers(user: int) -> None:
+    raise AssertionError("never runs: a coroutine object is not a task")
+
+
+def charge(card: str) -> None:
+    raise CardDeclined(f"card {card[-4:]} declined")
+
+
+@pytest.fixture
+def receiver() -> Iterator[EnvelopeReceiver]:
+    receiver = EnvelopeReceiver()
+    yield receiver
+    sentry_sdk.init()  # an inactive client for the tests after this one
+    receiver.close()
+
+
+def starlette_app(queue: Callable[[BackgroundTasks], None]) -> Starlette:
+    async def place_order(request: Request) -> JSONResponse:
+        tasks = BackgroundTasks()
+        queue(tasks)
+        return JSONResponse({"order": 7}, background=tasks)
+
+    return Starlette(routes=[Route("/orders/7", place_order, methods=["POST"])])
+
+
+def events_of(
+    receiver: EnvelopeReceiver,
+    app: ASGIApp,
+    tracer_provider: TracerProvider,
+    *,
+    instrumented: bool,
+    framework_integrations: bool,
+) -> list[dict[str, Any]]:
+    """The Sentry events one request to ``app`` sends, served by uvicorn, with or without otel_bgtasks."""
+    receiver.events.clear()
+    init_sentry(receiver.dsn, framework_integrations=framework_integrations)
+    if instrumented:
+        otel_bgtasks.instrument(tracer_provider=tracer_provider)
+    try:
+        with serving(app) as server:
+            response = httpx.post(f"{server.url}/orders/7", timeout=10)
+            assert response.status_code == 200
+            assert response.json() == {"order": 7}
+        sentry_sdk.flush(timeout=5)
+    finally:
+        otel_bgtasks.uninstrument()
+    return list(receiver.events)
+
+
+def exception_types(event: dict[str, Any]) -> list[str]:
+    return [value["type"] for value in event["exception"]["values"]]
+
+
+both_integrations = pytest.mark.parametrize(
+    "framework_integrations", [False, True], ids=["sentry-alone", "sentry-starlette"]
+)
+
+
+@both_integrations
+def test_coroutine_object_task_is_one_event(
+    receiver: EnvelopeReceiver, tracer_provider: TracerProvider, framework_integrations: bool
+) -> None:
+    """``add_task(notify_followers(7))``: the ERROR said at ``add_task`` is not an event of its own."""
+    made: list[Any] = []
+
+    def queue(tasks: BackgroundTasks) -> None:
+        made.append(notify_followers(7))
+        tasks.add_task(made[-1])
+
+    app = starlette_app(queue)
+    bare = events_of(receiver, app, tracer_provider, instrumented=False, framework_integrations=framework_integrations)
+    ours = events_of(receiver, app, tracer_provider, instrumented=True, framework_integrations=framework_integrations)
+    for coroutine in made:  # uninstrumented, nobody closes it: Python would warn "never awaited" at some later GC
+        coroutine.close()
+
+    (bare_event,) = bare
+    assert exception_types(bare_event)[-1] == "TypeError"
+    (event,) = ours
+    assert exception_types(event)[-1] == "TypeError"
+    assert event["exception"]["values"][-1]["mechanism"]["type"] == "otel_bgtasks"
+    assert event["tags"]["background_task"] == "notify_followers"
+    assert event["tags"]["background_task.diagnosis"] == "add_task_misuse"
+
+
+class Translating:
+    """An outer middleware that turns a failure into an error of the app's own, in one of three ways."""
+
+    def __init__(self, app: ASGIApp, how: str) -> None:
+        self.app = app
+        self.how = how
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except CardDeclined as exc:
+            if self.how == "from None":
+                raise AuditError("payment audit failed") from None
+            if self.how == "from exc":
+                raise AuditError("payment audit failed") from exc
+            raise CleanupFailed("could not release the card hold")  # noqa: B904  # a cleanup that fails in except
+
+
+@both_integrations
+@pytest.mark.parametrize("how", ["from None", "from exc", "cleanup in except"])
+def test_app_error_raised_while_a_failure_propagates_reaches_sentry(
+    receiver: EnvelopeReceiver, tracer_provider: TracerProvider, framework_integrations: bool, how: str
+) -> None:
+    """The app's own error whose chain holds the forwarded one is reported, as uninstrumented."""
+    app = Translating(starlette_app(lambda tasks: tasks.add_task(charge, "4000000000000002")), how)
+    bare = events_of(receiver, app, tracer_provider, instrumented=False, framework_integrations=framework_integrations)
+    ours = events_of(receiver, app, tracer_provider, instrumented=True, framework_integrations=framework_integrations)
+
+    app_error = "CleanupFailed" if how == "cleanup in except" else "AuditError"
+    # Uninstrumented: the app's error, and with Sentry's Starlette integration the task's failure as well.
+    bare_types = [exception_types(e) for e in bare]
+    expected = ["CardDeclined", app_error] if framework_integrations else [app_error]
+    assert [types[-1] for types in bare_types] == expected
+    # Instrumented: the same app error, and the task's failure, forwarded, once.
+    (failure,) = [e for e in ours if "background_task" in e.get("tags", {})]
+    assert exception_types(failure) == ["CardDeclined"]
+    assert failure["tags"]["background_task"] == "charge"
+    app_errors = [exception_types(e) for e in ours if e is not failure]
+    assert app_errors == [types for types in bare_types if types[-1] == app_error]
+
+
+def test_starlette_wrapper_of_another_exception_is_reported(tracer_provider: TracerProvider) -> None:
+    """Only Starlette's "Caught handled exception" raised from the forwarded exception itself is a duplicate."""
+    try:
+        raise CardDeclined("0002")
+    except CardDeclined as exc:
+        error = exc
+    sentry.forwarded.add(error)
+    try:
+        raise RuntimeError("Caught handled exception, but response already started.") from error
+    except RuntimeError as exc:
+        wrapper = exc
+    try:
+        raise RuntimeError("Caught handled exception, but response already started.") from CardDeclined("0003")
+    except RuntimeError as exc:
+        other = exc
+    try:
+        raise RuntimeError("the app's own message") from error
+    except RuntimeError as exc:
+        own = exc
+
+    def duplicate(exc: BaseException) -> bool:
+        return sentry._is_duplicate({}, {"exc_info": (type(exc), exc, exc.__traceback__)})  # pyright: ignore[reportPrivateUsage]
+
+    assert duplicate(error) and duplicate(wrapper)
+    assert not duplicate(other) and not duplicate(own)
+
+
+class Interrupt(KeyboardInterrupt):
+    pass
+
+
+def fails_with(error: BaseException) -> Callable[[], None]:
+    def task() -> None:
+        raise error
+
+    return task
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: CardDeclined("0002"), lambda: KeyError("sku-1"), KeyboardInterrupt, Interrupt], ids=repr
+)
+def test_forwarded_exception_carries_no_mark(
+    receiver: EnvelopeReceiver, tracer_provider: TracerProvider, make: Callable[[], BaseException]
+) -> None:
+    """What reaches the caller is the exception as raised: nothing added to ``vars(exc)``; and one event."""
+    error = make()
+    before = dict(vars(error))
+    init_sentry(receiver.dsn, framework_integrations=False)
+    otel_bgtasks.instrument(tracer_provider=tracer_provider)
+    with pytest.raises(type(error)) as raised:
+        asyncio.run(BackgroundTask(fails_with(error))())
+    sentry_sdk.flush(timeout=5)
+
+    assert raised.value is error
+    assert vars(error) == before
+    assert not hasattr(error, "__otel_bgtasks_forwarded__")
+    assert error in sentry.forwarded
+    (event,) = receiver.events
+    assert exception_types(event)[-1] == type(error).__name__
+    assert event["tags"]["background_task"] == "fails_with.<locals>.task"
+
+
+def raise_key_error(key: str) -> KeyError:
+    try:
+        raise KeyError(key)
+    except KeyError as exc:
+        return exc
+
+
+def reraised(error: KeyError) -> KeyError:
+    try:
+        raise error
+    except KeyError as exc:
+        return exc
+
+
+def test_forwarded_set_holds_no_exception() -> None:
+    """An exception of its own class leaves the set when it is freed; a builtin one is known by its traceback."""
+    forwarded = sentry.ForwardedExceptions()
+    error: BaseException | None = CardDeclined("0002")
+    forwarded.add(error)
+    assert error in forwarded and len(forwarded) == 1
+    error = None
+    gc.collect()
+    assert len(forwarded) == 0
+
+    first, second = raise_key_error("a"), raise_key_error("a")
+    forwarded.add(first)
+    assert first in forwarded and second not in forwarded
+    assert reraised(first) in forwarded  # propagated further: entries added on the outside
+    assert KeyError("a") not in forwarded  # never raised: nothing propagates it
+    forwarded.add(KeyError("b"))  # never raised: not remembered
+    assert len(forwarded) == 1
+    kept = [raise_key_error("c") for _ in range(300)]
+    for one in kept:
+        forwarded.add(one)
+    assert len(forwarded) == 256  # only the last ones: a freed one's id may come back
+    assert kept[-1] in forwarded and kept[0] not in forwarded
+
+
+def test_skipped_breadcrumbs_are_bounded(receiver: EnvelopeReceiver, tracer_provider: TracerProvider) -> None:
+    """A failure that left 30 tasks unrun: 20 breadcrumbs name them, one counts the other 10."""
+    init_sentry(receiver.dsn, framework_integrations=False)
+    otel_bgtasks.instrument(tracer_provider=tracer_provider)
+    tasks = BackgroundTasks()
+    tasks.add_task(charge, "4000000000000002")
+    for index in range(30):
+        tasks.add_task(print, index)
+    with pytest.raises(CardDeclined):
+        asyncio.run(tasks())
+    sentry_sdk.flush(timeout=5)
+
+    (event,) = receiver.events
+    crumbs = [b for b in event["breadcrumbs"]["values"] if b.get("category") == "background_task"]
+    assert [b["data"].get("code.function.name") for b in crumbs] == ["builtins.print"] * 20 + [None]
+    assert crumbs[-1]["message"] == "Skipped 10 more: an earlier task in the same BackgroundTasks failed"
+    assert crumbs[-1]["data"]["count"] == 10
