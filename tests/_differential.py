@@ -462,11 +462,11 @@ def build_app(scenario: Scenario, seen: SeenByMiddleware, telemetry: Telemetry) 
 
     def queue(tasks: Any) -> Any:
         seen.route_stack = stack_modules()
-        held = None
+        held: list[Any] = []
         for unit in scenario.units:
             func, args, kwargs = task_for(unit, tasks)
             if unit.kind == "held_coroutine":
-                held = func
+                held.append(func)
             tasks.add_task(func, *args, **kwargs)
         if scenario.raw_append:
             seen.raw = functools.partial(async_job, "raw", 0)
@@ -482,8 +482,7 @@ def build_app(scenario: Scenario, seen: SeenByMiddleware, telemetry: Telemetry) 
 
         async def endpoint(request: Request) -> Response:
             tasks = BackgroundTasks()
-            held = queue(tasks)
-            if held is not None:
+            for held in queue(tasks):
                 await held
             if scenario.delivery == "tasks":
                 return PlainTextResponse("queued", background=tasks)
@@ -503,15 +502,14 @@ def build_app(scenario: Scenario, seen: SeenByMiddleware, telemetry: Telemetry) 
 
             @inner.get("/run")
             def sync_route(background_tasks: FastAPIBackgroundTasks) -> Any:
-                assert queue(background_tasks) is None  # held coroutines go to async routes only
+                assert queue(background_tasks) == []  # held coroutines go to async routes only
                 return _fastapi_result(scenario, single)
 
         else:
 
             @inner.get("/run")
             async def async_route(background_tasks: FastAPIBackgroundTasks) -> Any:
-                held = queue(background_tasks)
-                if held is not None:
+                for held in queue(background_tasks):
                     await held
                 return _fastapi_result(scenario, single)
 
