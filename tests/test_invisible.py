@@ -88,6 +88,11 @@ differential = settings.get_profile("differential")
 not_on_oldest = pytest.mark.skipif(OLD_STARLETTE, reason="issue 18 §7: not yet triaged on the oldest stack")
 # pyproject's 120 s per test suits the default run; a deep run takes longer (about 0.3 s per example and arm).
 deep_enough = pytest.mark.timeout(120 + _DEEP)
+# A coroutine Starlette dropped in a worker thread (NOT_RUN_KINDS) may be collected after its arm has closed,
+# its "never awaited" then reaching pytest as an unraisable warning: compared inside the arms, not here.
+late_never_awaited = pytest.mark.filterwarnings(
+    "ignore::pytest.PytestUnraisableExceptionWarning", "ignore:coroutine .* was never awaited:RuntimeWarning"
+)
 
 
 # Ingredients that trigger a known defect of issue 18 today; each has its precise strict-xfail case below.
@@ -196,7 +201,8 @@ def _without_known_attributes(value: Any) -> Any:
 
 def expected_from(reference: Observed, scenario: Scenario, opts: Options, sentry: bool) -> dict[str, Any]:
     expected = visible(reference, forgive_known=False)
-    expected["warnings"] = documented_warnings(reference.warnings)
+    not_run = any(unit.kind in NOT_RUN_KINDS for unit in scenario.units)
+    expected["warnings"] = documented_warnings(reference.warnings, not_run)
     expected["sentry"] = documented_sentry(reference.sentry)
     if opts.continue_on_error and sentry and any(u.fail or u.kind == "slow" for u in scenario.units):
         expected["sentry"] = sentry_for_continue(reference, scenario)
@@ -243,6 +249,8 @@ def compare(
             for event in seen["middleware"]
         ]
     if any(unit.kind in NOT_RUN_KINDS for unit in scenario.units):
+        # When the dropped coroutine is collected (and warns) depends on who held it last: either arm may warn.
+        seen["warnings"] = documented_warnings(seen["warnings"], not_run=True)
         # Documented (issue 18 §3): a task whose body Starlette never runs is reported as the mistake it is,
         # to Sentry too; uninstrumented nothing reports it.
         seen["sentry"] = [e for e in seen["sentry"] if "otel_bgtasks.mistakes.DiscardedCoroutineError" not in str(e)]
@@ -252,6 +260,7 @@ def compare(
 
 
 @deep_enough
+@late_never_awaited
 @differential
 @given(data=st.data())
 def test_generated_apps_look_the_same(data: st.DataObject) -> None:
@@ -262,6 +271,7 @@ def test_generated_apps_look_the_same(data: st.DataObject) -> None:
 
 @not_on_oldest
 @deep_enough
+@late_never_awaited
 @differential
 @given(data=st.data())
 def test_generated_apps_look_the_same_to_sentry(data: st.DataObject, receiver: SentryReceiver) -> None:
@@ -429,6 +439,7 @@ def one(*units: Unit, **scenario: Any) -> Scenario:
     return Scenario(units=units, **scenario)
 
 
+@late_never_awaited
 @pytest.mark.parametrize("kind", NOT_RUN_KINDS)
 def test_task_whose_body_never_runs_is_not_a_success(kind: str) -> None:
     compare(one(Unit("t0", kind), Unit("t1", "sync")), Options())
@@ -557,6 +568,7 @@ def test_request_without_tasks_runs_under_no_otel_bgtasks_frame(stack: tuple[str
 
 @not_on_oldest
 @deep_enough
+@late_never_awaited
 @settings(differential, max_examples=min(differential.max_examples, 4))
 @given(data=st.data())
 def test_generated_apps_look_the_same_through_uvicorn(data: st.DataObject) -> None:
