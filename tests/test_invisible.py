@@ -617,7 +617,11 @@ def closed_loop_arm(instrumented: bool, destroyed_in_running_loop: bool) -> tupl
     return observed, telemetry
 
 
-@pytest.mark.xfail(strict=True, reason="issue 18 §3: a coroutine closed with its loop / destroyed pending: outcomes")
+@pytest.mark.xfail(
+    not OLD_STARLETTE,  # passes on the oldest stack (Starlette 0.27, SDK 1.25)
+    strict=True,
+    reason="issue 18 §3: a coroutine closed with its loop / destroyed pending: outcomes",
+)
 @pytest.mark.parametrize("destroyed_in_running_loop", [False, True], ids=["loop_closed", "destroyed_pending"])
 def test_task_dying_with_its_loop_has_one_outcome(destroyed_in_running_loop: bool) -> None:
     reference, _ = closed_loop_arm(False, destroyed_in_running_loop)
@@ -652,6 +656,7 @@ def test_skipped_warning_is_bounded() -> None:
     assert max(len(line) for line in observed.own_logs) < 10_000
 
 
+@not_on_oldest
 def test_per_function_counters_are_bounded() -> None:
     """Callable objects of classes made per request (``type(f"Job{i}", ...)``): 2,500 functions, a bounded state."""
     from otel_bgtasks.metrics import task_metrics
@@ -709,6 +714,9 @@ print([r for r in records if "No OpenTelemetry SDK" in r])
 """
 
 
+@pytest.mark.xfail(
+    OLD_STARLETTE, strict=True, reason="issue 18 §4: FastAPI 0.100, contrib's instrument_app(tracer_provider=): warns"
+)
 def test_no_sdk_warning_when_the_app_has_its_provider() -> None:
     done = subprocess.run([sys.executable, "-c", _NATIVE_PROVIDER], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
