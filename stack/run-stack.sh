@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Runs the docker-compose stack without Docker: the OpenTelemetry Collector, Jaeger and Prometheus that
-# stack/build-stack.sh built (Prometheus: Debian's, `apt-get install prometheus`), each with the
-# repository's own config from collector-config/, all on 127.0.0.1. Ctrl-C stops all three.
+# stack/build-stack.sh built, each with the repository's own config from collector-config/, all on
+# 127.0.0.1. Ctrl-C stops all three.
 #
 #   stack/run-stack.sh
 #
 # Then point an app at the Collector as in docker-compose.yml (OTEL_EXPORTER_OTLP_ENDPOINT=
-# http://localhost:4318) and open Jaeger on http://localhost:16686 (its HTTP API; the UI is a placeholder
-# page in a build from the Go module) and Prometheus on http://localhost:9090.
+# http://localhost:4318) and use the HTTP APIs of Jaeger on http://localhost:16686 and Prometheus on
+# http://localhost:9090 (builds from the Go modules have no web UI: Jaeger shows a placeholder page).
 #
 # On one host the three cannot all listen where their containers do, so only addresses change: every
 # listener binds 127.0.0.1, Jaeger takes OTLP on 14317/14318 (the Collector has 4317/4318) and the
@@ -32,12 +32,6 @@ jaeger_otlp_http=${STACK_JAEGER_OTLP_HTTP_PORT:-14318}
 jaeger_telemetry=${STACK_JAEGER_TELEMETRY_PORT:-14269}
 prometheus_port=${STACK_PROMETHEUS_PORT:-9090}
 
-prometheus=$bin/prometheus
-[ -x "$prometheus" ] || prometheus=$(command -v prometheus) || {
-    echo "run-stack.sh: no prometheus on PATH (apt-get install prometheus)" >&2
-    exit 1
-}
-
 work=$(mktemp -d "${TMPDIR:-/tmp}/otel-bgtasks-stack.XXXXXX")
 pids=()
 stop() {
@@ -56,7 +50,7 @@ telemetry() {  # the service's own metrics (a Prometheus endpoint) on 127.0.0.1:
 # Prometheus: the compose file mounts the rules at this path and reaches the Collector by its service name.
 sed -e "s|/etc/prometheus/rules/background-tasks.rules.yml|$config/background-tasks.rules.yml|" \
     -e "s|otel-collector:8889|127.0.0.1:$exporter|" "$config/prometheus.yml" >"$work/prometheus.yml"
-"$prometheus" --config.file="$work/prometheus.yml" --storage.tsdb.path="$work/prometheus-data" \
+"$bin/prometheus" --config.file="$work/prometheus.yml" --storage.tsdb.path="$work/prometheus-data" \
     --web.listen-address="127.0.0.1:$prometheus_port" >"$work/prometheus.log" 2>&1 &
 pids+=($!)
 

@@ -1,13 +1,13 @@
 """The docker-compose stack run for real, without Docker: Collector, Jaeger and Prometheus on 127.0.0.1.
 
-The programs are the releases docker-compose.yml pins: the OpenTelemetry Collector 0.139.0 and Jaeger
-2.12.0 built from their Go modules by stack/build-stack.sh, and the Prometheus of Debian's package
-(.ci/run installs and builds them). Each runs with the repository's own config, the file compose
-mounts; only addresses change: every listener gets a free port on 127.0.0.1 (``--set`` for the
-Collector and Jaeger, a copy of prometheus.yml whose only other change is a 1 s scrape and rule
-interval). The app is compose's too: examples/fastapi_app.py under ``opentelemetry-instrument uvicorn``
-(the Dockerfile's command), configured by the ``OTEL_*`` variables of compose's app service, pointed
-at the test's Collector, with metrics every 0.5 s.
+The programs are the releases docker-compose.yml pins: the OpenTelemetry Collector 0.139.0, Jaeger
+2.12.0 and Prometheus 3.16.0, built from their Go modules by stack/build-stack.sh (.ci/run builds them).
+Each runs with the repository's own config, the file compose mounts; only addresses change: every
+listener gets a free port on 127.0.0.1 (``--set`` for the Collector and Jaeger, a copy of prometheus.yml
+whose only other change is a 1 s scrape and rule interval). The app is compose's too:
+examples/fastapi_app.py under ``opentelemetry-instrument uvicorn`` (the Dockerfile's command), configured
+by the ``OTEL_*`` variables of compose's app service, pointed at the test's Collector, with metrics every
+0.5 s.
 
 What is checked is what a user sees: the traces through Jaeger's query API, PromQL answers, the rules'
 and alerts' states, Jaeger's Monitor (SPM) API, what the tail-sampling profile keeps, and an app that
@@ -63,7 +63,8 @@ def stack_bin() -> Path:
     if os.environ.get("OTEL_BGTASKS_STACK_BIN"):
         return Path(os.environ["OTEL_BGTASKS_STACK_BIN"])
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "otel-bgtasks-stack" / f"otelcol-{released('OTELCOL_VERSION')}-jaeger-{released('JAEGER_VERSION')}"
+    releases = f"otelcol-{released('OTELCOL_VERSION')}-jaeger-{released('JAEGER_VERSION')}"
+    return cache / "otel-bgtasks-stack" / f"{releases}-prometheus-{released('PROMETHEUS_VERSION')}"
 
 
 @dataclass(frozen=True)
@@ -76,16 +77,14 @@ class Binaries:
 @pytest.fixture(scope="module")
 def binaries() -> Binaries:
     directory = stack_bin()
-    prometheus = directory / "prometheus" if (directory / "prometheus").is_file() else shutil.which("prometheus")
-    missing = [f"{directory}/{name}" for name in ("otelcol", "jaeger") if not (directory / name).is_file()]
-    if prometheus is None:
-        missing.append("prometheus on PATH (apt-get install prometheus)")
+    programs = [directory / name for name in ("otelcol", "jaeger", "prometheus")]
+    missing = [str(program) for program in programs if not program.is_file()]
     if missing:
         reason = f"the stack's programs are not built: {', '.join(missing)}; run stack/build-stack.sh (needs Go)"
         if os.environ.get("STACK_REQUIRED"):
             pytest.fail(reason)
         pytest.skip(reason)
-    return Binaries(directory / "otelcol", directory / "jaeger", Path(prometheus))
+    return Binaries(directory / "otelcol", directory / "jaeger", directory / "prometheus")
 
 
 class Program:
@@ -490,7 +489,7 @@ def test_programs_are_the_releases_compose_pins(binaries: Binaries) -> None:
 
     assert first_line(str(binaries.otelcol), "--version") == f"otelcol version {compose_tag('otel-collector')}"
     assert f"git-version=v{compose_tag('jaeger')}," in first_line(str(binaries.jaeger), "version")
-    # "prometheus, version 2.42.0+ds (branch: debian/sid, ...)" for the image prom/prometheus:v2.42.0
+    # "prometheus, version 3.16.0 (branch: ...)" for the image prom/prometheus:v3.16.0
     version = re.match(r"prometheus, version (\d+\.\d+\.\d+)", first_line(str(binaries.prometheus), "--version"))
     assert version is not None and f"v{version.group(1)}" == compose_tag("prometheus")
     if shutil.which("go") is None:
@@ -645,12 +644,13 @@ def test_promql_returns_duration_buckets_and_outcome_counts(stack: Stack, child_
     # otel_bgtasks' own bounds in seconds (metrics.BUCKET_BOUNDS, given to the SDK as advice), not the SDK's
     # default (0, 5, 10, ...): resize_images (0.2 s) is above 0.1 s and well under 2.5 s.
     resize = f'{job}, code_function_name="{DEMO}.resize_images"'
-    bounds = values(stack.promql(f"background_task_duration_seconds_bucket{{{resize}}}"), "le")
+    found = values(stack.promql(f"background_task_duration_seconds_bucket{{{resize}}}"), "le")
+    bounds = {float(le): count for (le,), count in found.items()}  # "5" or "5.0": Prometheus 3 normalises it
     if not _BUCKET_ADVICE:  # an SDK older than 1.30 takes no advice: its default bounds (README, Metrics)
-        assert bounds[("0",)] == 0 and bounds[("5",)] == bounds[("10",)] == bounds[("+Inf",)] == 2, bounds
+        assert bounds[0] == 0 and bounds[5] == bounds[10] == bounds[float("inf")] == 2, bounds
     else:
-        assert sorted(float(le) for (le,) in bounds) == [*BUCKET_BOUNDS, float("inf")], bounds
-        assert bounds[("0.1",)] == 0 and bounds[("2.5",)] == bounds[("10",)] == bounds[("+Inf",)] == 2, bounds
+        assert sorted(bounds) == [*BUCKET_BOUNDS, float("inf")], bounds
+        assert bounds[0.1] == 0 and bounds[2.5] == bounds[10] == bounds[float("inf")] == 2, bounds
     blocked = values(stack.promql(f"background_task_blocked_total{{{job}}}"), "code_function_name")
     assert blocked == {(f"{DEMO}.resize_images",): 2}
     # The span metrics of the same tasks (the spanmetrics connector), with their outcome dimension.
