@@ -23,10 +23,12 @@ Instead, what contrib *records* is adjusted, through its own instruments:
   context (a ``ContextVar``, reset with its token at contrib's ``add(-1)``, so nothing outlives the
   request). It is set before contrib calls the app, so every copy of that context (a task group's,
   ``BaseHTTPMiddleware``'s) shares the same holder by reference.
-- The response is complete when the first background task of the request starts: Starlette runs them
-  right after the last body chunk (or once the client is gone from a stream). The task wrappers call
-  :func:`response_complete` then, which takes the request off the active count with contrib's own
-  counter and attributes, and notes the time. Contrib's own ``add(-1)`` later is then not passed on.
+- The response is complete when the first background task of the request starts from a Starlette
+  response (its ``background``, found among the task's awaiters): Starlette runs them right after the
+  last body chunk (or once the client is gone from a stream). A task the route awaits itself, before
+  answering, is no sign of it. The task wrappers call :func:`response_complete` then, which takes the
+  request off the active count with contrib's own counter and attributes, and notes the time. Contrib's
+  own ``add(-1)`` later is then not passed on.
 - Contrib's duration records, after the tasks, are passed on minus the time spent after that moment
   (the seconds histogram: its value less that time; the whole-millisecond one, which contrib rounds:
   the time from contrib's ``add(+1)`` to that moment, rounded as contrib does, rather than a rounded
@@ -44,13 +46,16 @@ unless :func:`equip` reaches them (``instrument(app)`` does, for the app it is g
 from __future__ import annotations
 
 import copy
+import sys
 import threading
 from collections.abc import Iterator
 from contextvars import ContextVar, Token
 from timeit import default_timer
+from types import FrameType
 from typing import TYPE_CHECKING, Any, Final, SupportsIndex
 
 from opentelemetry.instrumentation.utils import unwrap
+from starlette import responses as _responses
 from wrapt import ObjectProxy, wrap_function_wrapper
 
 from otel_bgtasks.guard import capture_internal_exceptions, internal_error
@@ -85,11 +90,21 @@ _current: ContextVar[_Request | None] = ContextVar("otel_bgtasks_request_metrics
 
 
 def response_complete() -> None:
-    """A background task starts: the response of the request (and of any outer one) is complete.
+    """A task starts: if a Starlette response runs it, the response of the request (and of any outer one) is complete.
 
-    Called by the task wrappers at every task's start; past the first task of a request, one lookup.
+    Called by the task wrappers at every task's start; past the first task of a request, one lookup. A task
+    the route awaits itself (``await BackgroundTask(job)()`` before answering) runs before the response:
+    it ends nothing, so the request stays active and its duration includes what follows.
     """
     request = _current.get()
+    if request is None or request.ended is not None:
+        return
+    try:
+        if not _run_by_a_response(sys._getframe(2)):  # pyright: ignore[reportPrivateUsage]
+            return
+    except Exception as exc:
+        internal_error(exc)
+        return
     while request is not None and request.ended is None:
         request.ended = default_timer()
         try:
@@ -98,6 +113,26 @@ def response_complete() -> None:
         except Exception as exc:
             internal_error(exc)
         request = request.outer
+
+
+def _run_by_a_response(frame: FrameType | None) -> bool:
+    """Whether a ``__call__`` of ``starlette.responses`` awaits the task: it runs its ``background`` once it sent all.
+
+    ``frame`` is the task wrapper's caller. A few frames up at most (Starlette's or FastAPI's
+    ``BackgroundTasks``, a subclass's own ``__call__``); a response class of another module that runs its
+    background leaves the metrics as contrib records them.
+    """
+    for _ in range(_AWAITERS_SEARCHED):
+        if frame is None:
+            return False
+        code = frame.f_code
+        if code.co_name == "__call__" and code.co_filename == _responses.__file__:
+            return True
+        frame = frame.f_back
+    return False
+
+
+_AWAITERS_SEARCHED: Final = 12
 
 
 class _Instrument(_Proxy):
