@@ -360,6 +360,17 @@ async def test_a_task_the_route_awaits_itself_ends_nothing(setups: Callable[[str
 ROUTE_SECONDS = 0.15
 
 
+async def test_middleware_in_a_stack_built_before_instrument(tracer_provider: TracerProvider) -> None:
+    """``instrument(app)`` reaches a contrib middleware the app's already built ``middleware_stack`` holds."""
+    held = Held()
+    reader = InMemoryMetricReader()
+    app = fastapi_app(held)
+    app.add_middleware(OpenTelemetryMiddleware, tracer_provider=tracer_provider, meter_provider=MeterProvider([reader]))
+    app.middleware_stack = app.build_middleware_stack()  # as Starlette does at the first request
+    otel_bgtasks.instrument(app, tracer_provider=tracer_provider)
+    assert_ends_with_response(await serve_held(app, held, reader))
+
+
 @pytest.mark.parametrize("fixed", [True, False], ids=["otel_bgtasks", "without"])
 async def test_streamed_response(setups: Callable[[str, bool], Setup], fixed: bool) -> None:
     setup = setups("instrument(starlette_app)", fixed)
