@@ -42,6 +42,10 @@ CONFIG = ("test_instrumentor.py", "test_arguments.py", "test_task_health.py")
 ARGS = ("test_arguments.py",)
 DIAG = ("test_diagnosis.py",)
 HEALTH = ("test_task_health.py", "test_spans.py")
+RM = ("test_request_metrics.py",)
+TS = ("test_app_objects.py", "test_task_health.py")
+SE = ("test_sentry_dedupe.py",)
+ME = ("test_bounds.py",)
 
 MUTANTS = [
     # -- config.py: what the options accept
@@ -213,8 +217,8 @@ MUTANTS = [
     Mutant(
         "hot/blocked-short-path",
         "wrappers.py",
-        "and not _held_too_long(blocking_max, options.blocking_threshold):",
-        ":",
+        "and not _held_too_long(blocking_max, options.blocking_threshold)\n",
+        "\n",
         HEALTH,
     ),
     Mutant(
@@ -242,9 +246,9 @@ MUTANTS = [
     Mutant(
         "hot/success-duration-ms",
         "wrappers.py",
-        "semconv.OUTCOME_SUCCESS, None, (end_ns - start_ns) / 1e9, wait)",
-        "semconv.OUTCOME_SUCCESS, None, (end_ns - start_ns) / 1e6, wait)",
-        HEALTH,
+        "duration = (end_ns - start_ns) / 1e9\n",
+        "duration = (end_ns - start_ns) / 1e6\n",
+        ("test_correlation.py",),  # the histogram's sum for tasks of known length
     ),
     Mutant(
         "hot/worker-finished-not-stamped",
@@ -268,6 +272,42 @@ MUTANTS = [
         "return code",
         ("test_watch.py",),
     ),
+    # -- request_metrics.py, task_state.py, sentry.py's dedupe, metrics.py's overflow (issue 18's code). Left out
+    # as equivalent: the duration proxy's owner check (the current request is always its own middleware's by
+    # then), add(+1) after remove() (no task wrapper is left to end the holder), a dead weak entry (its
+    # callback removes it before the id can be reused). Not killed yet (see the trial report): the freed-task
+    # callback skipping the close of a settled add_task(coroutine) task's coroutine released after its run,
+    # and close_if_unheld() closing a coroutine the app had started.
+    Mutant("rm/taken-off-passes-on", "request_metrics.py", "if request.taken_off:\n", "if False:\n", RM),
+    Mutant("rm/seconds-not-adjusted", "request_metrics.py", "max(amount - (default_timer() - ended), 0)", "amount", RM),
+    Mutant("rm/ms-unscaled", "request_metrics.py", "request.started) * self._self_scale)", "request.started))", RM),
+    Mutant("rm/outer-not-ended", "request_metrics.py", "request = request.outer\n", "request = None\n", RM),
+    Mutant("rm/no-reset", "request_metrics.py", "_current.reset(request.token)", "pass", RM),
+    Mutant("rm/equip-no-stack", "request_metrics.py", '("app", "middleware_stack")', '("app",)', RM),
+    Mutant("rm/inline-task-ends", "request_metrics.py", "if not _run_by_a_response(", "if not True or (", RM),
+    Mutant(
+        "ts/close-held",
+        "task_state.py",
+        "_refs(coroutine) == _TASK_AND_CALLER",
+        "_refs(coroutine) >= _TASK_AND_CALLER",
+        TS,
+    ),
+    Mutant("ts/problem-dropped", "task_state.py", "self.settled and self.problem is None and", "self.settled and", TS),
+    Mutant(
+        "se/builtin-type-any", "sentry.py", "if seen is None or seen[0] is not type(error):", "if seen is None:", SE
+    ),
+    Mutant("se/builtin-path-any", "sentry.py", "return path[len(path) - len(seen[1]) :] == seen[1]", "return True", SE),
+    Mutant("se/wrapper-any-cause", "sentry.py", " and error.__cause__ in forwarded", "", SE),
+    Mutant("se/internal-error-dropped", "sentry.py", 'and record.funcName != "internal_error"', "", SE),
+    Mutant(
+        "se/builtin-unbounded", "sentry.py", "len(self._builtin) > self._MAX_BUILTIN", "len(self._builtin) > 10**9", SE
+    ),
+    Mutant("se/unraised-remembered", "sentry.py", "if not path:  # never raised", "if False:  # never raised", SE),
+    Mutant("me/series-off-by-one", "metrics.py", "if len(counts) < MAX_SERIES:", "if len(counts) <= MAX_SERIES:", ME),
+    Mutant("me/hist-off-by-one", "metrics.py", "if len(seen) >= MAX_SERIES:", "if len(seen) > MAX_SERIES:", ME),
+    Mutant("me/hist-admit-all", "metrics.py", "                return key in seen", "                return True", ME),
+    Mutant("me/outcome-overflow-attrs", "metrics.py", "if key == _OUTCOME_OVERFLOW:", "if False:", ME),
+    Mutant("me/one-hist-set", "metrics.py", "seen = self._seen[key[2] is None]", "seen = self._seen[True]", ME),
 ]
 
 
