@@ -161,8 +161,9 @@ class TaskWrappers:
         problem = invalid_task_problem(func)
         if problem is None:
             return None
-        # Not closed now: the app may still hold it (``c = send(); add_task(c); await c``). When the task is
-        # freed it is closed if nothing else holds it (TaskState). Not settled: left unrun, it is skipped.
+        # Not closed now: the app may still hold it (``c = send(); add_task(c); await c``). When the task runs,
+        # is skipped or is freed, it is closed if nothing else holds it (close_if_unheld). Not settled: left
+        # unrun after a failure, it is skipped like any other task.
         if inspect.iscoroutine(func):
             state.coroutine = weakref.ref(func)
         state.problem = problem

@@ -11,6 +11,7 @@ import asyncio
 import copy
 import functools
 import gc
+import inspect
 import logging
 import pickle
 import warnings
@@ -461,13 +462,53 @@ async def test_a_task_freed_while_pending_and_the_next_have_one_outcome_each(
         tasks.add_task(job, "next")
         asyncio.get_running_loop().create_task(tasks())  # nobody keeps it, on purpose
 
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.WARNING), TaskRecorder() as recorder:
         await start()
         await asyncio.sleep(0.01)  # it starts, and waits on a future that nobody else holds
         never.clear()
         gc.collect()  # asyncio's task, its coroutine and the BackgroundTasks are freed together
+        told = [(r.name.rpartition(".")[2], r.outcome) for r in recorder.records]
+    assert sorted(told) == [("job", "dropped"), ("waits", "cancelled")]  # the listeners too: one each
     counts = outcomes(reader)
     assert counts == {("waits", "cancelled"): 1, ("job", "dropped"): 1}
     assert [attributes(s)["background_task.outcome"] for s in task_spans(exporter)] == ["cancelled"]
     assert "failed internally" not in caplog.text
     assert "Skipped" not in caplog.text
+
+
+async def test_a_coroutine_task_freed_unrun_is_closed_only_if_nothing_else_holds_it(
+    instrument: Callable[..., None], caplog: pytest.LogCaptureFixture
+) -> None:
+    instrument()
+    with warnings.catch_warnings(), caplog.at_level(logging.WARNING, logger="otel_bgtasks"):
+        warnings.simplefilter("error")  # Python's "never awaited" would fail here
+        BackgroundTasks().add_task(send_email("d@example.com"))  # type: ignore[arg-type]  # freed at once
+        gc.collect()
+        held = send_email("e@example.com")
+        BackgroundTasks().add_task(held)  # type: ignore[arg-type]
+        gc.collect()
+    assert inspect.getcoroutinestate(held) == inspect.CORO_CREATED  # the app's own, untouched
+    await held
+    assert ran == ["email e@example.com"]
+    assert "was never run" not in caplog.text  # told at the add_task call: not a dropped task as well
+
+
+async def test_a_coroutine_task_is_closed_as_it_runs_when_only_the_task_holds_it(
+    instrument: Callable[..., None],
+) -> None:
+    """Closed before Starlette's TypeError, whose traceback holds it too.
+
+    Without the close as it runs, test_diagnosis.py's coroutine-object test and the golden cause_add_task_misuse
+    scenario leave a "never awaited" warning for a later test; here the close when the task is freed suffices.
+    """
+    instrument()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tasks = BackgroundTasks()
+        tasks.add_task(send_email("f@example.com"))  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="the first argument must be callable") as raised:
+            await tasks()
+        cycle: list[Any] = [raised.value, tasks]  # freed by the collector, the error's frames with the task
+        cycle.append(cycle)
+        del tasks, raised, cycle
+        gc.collect()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import functools
 import json
 import re
 from collections.abc import Iterator
@@ -28,9 +29,11 @@ REPO = Path(__file__).resolve().parent.parent
 COMPOSE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "Dockerfile"
 COLLECTOR_CONFIG = REPO / "collector-config" / "otel-collector.yaml"
+TAIL_SAMPLING_CONFIG = REPO / "collector-config" / "otel-collector.tail-sampling.yaml"
 JAEGER_CONFIG = REPO / "collector-config" / "jaeger.yaml"
 PROMETHEUS_CONFIG = REPO / "collector-config" / "prometheus.yml"
 RULES = REPO / "collector-config" / "background-tasks.rules.yml"
+BUILD_SCRIPT = REPO / "stack" / "build-stack.sh"
 
 # Ports an image listens on without a config of ours saying so. The collector's and Jaeger's ports
 # come from their configs (below), the app's from the Dockerfile.
@@ -39,6 +42,8 @@ IMAGE_DEFAULT_PORTS = {"prom/prometheus": {9090}}
 IMAGE_DEFAULT_CONFIG = {"prom/prometheus": "/etc/prometheus/prometheus.yml"}
 # Images without a shell or any HTTP client: compose cannot run a health check inside them.
 DISTROLESS_IMAGES = {"otel/opentelemetry-collector-contrib"}
+# Images that read a config in the OpenTelemetry Collector format.
+COLLECTOR_IMAGES = {"otel/opentelemetry-collector-contrib", "jaegertracing/jaeger"}
 # The sections of an OpenTelemetry Collector config that a pipeline refers to.
 PIPELINE_SECTIONS = ("receivers", "processors", "exporters")
 
@@ -124,16 +129,31 @@ def mounts(svc: dict[str, Any]) -> dict[str, tuple[Path, bool]]:
     return result
 
 
-def config_file(name: str) -> Path:
-    """The repository file that service ``name`` reads as its config (its ``--config=`` or the image's default)."""
+def config_files(name: str) -> list[Path]:
+    """The repository files that service ``name`` reads as its config (its ``--config=``s or the image's default)."""
     svc = service(name)
     paths = [arg.split("=", 1)[1] for arg in command_args(svc) if arg.startswith("--config=")]
     if not paths:
         paths = [IMAGE_DEFAULT_CONFIG[image_repository(svc["image"])]]
-    (path,) = paths
     mounted = mounts(svc)
-    assert path in mounted, f"{name} reads {path}, which is not mounted"
-    return mounted[path][0]
+    for path in paths:
+        assert path in mounted, f"{name} reads {path}, which is not mounted"
+    return [mounted[path][0] for path in paths]
+
+
+def config_file(name: str) -> Path:
+    """The one repository file that service ``name`` reads as its config."""
+    (path,) = config_files(name)
+    return path
+
+
+def merged(base: Any, overlay: Any) -> Any:
+    """Two collector configs as the collector merges its ``--config`` files: maps join, anything else is replaced."""
+    if isinstance(base, dict) and isinstance(overlay, dict):
+        return {key: merged(base[key], overlay[key]) if key in overlay else base[key] for key in base} | {
+            key: value for key, value in overlay.items() if key not in base
+        }
+    return overlay
 
 
 def host_port(endpoint: str) -> tuple[str, int]:
@@ -144,8 +164,13 @@ def host_port(endpoint: str) -> tuple[str, int]:
 
 
 def collector_configs() -> dict[str, Any]:
-    """The configs in the OpenTelemetry Collector format: the collector's and Jaeger v2's."""
-    return {"otel-collector": load_yaml(config_file("otel-collector")), "jaeger": load_yaml(config_file("jaeger"))}
+    """The configs in the OpenTelemetry Collector format, by service: the collectors' (merged) and Jaeger v2's."""
+    configs = {}
+    for name, svc in services().items():
+        if "image" in svc and image_repository(svc["image"]) in COLLECTOR_IMAGES:
+            files = [load_yaml(path) for path in config_files(name)]
+            configs[name] = functools.reduce(merged, files)
+    return configs
 
 
 def component_endpoints(config: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
@@ -169,7 +194,7 @@ def listening_ports(name: str) -> set[int]:
     svc = service(name)
     if "build" in svc:
         return {dockerfile_port()}
-    if name in ("otel-collector", "jaeger"):
+    if name in collector_configs():
         config = collector_configs()[name]
         ports = set()
         for section, component, endpoint in component_endpoints(config):
@@ -240,7 +265,7 @@ def test_every_published_port_is_on_the_loopback_only() -> None:
     assert (("127.0.0.1", 8000, dockerfile_port())) in published_ports(service("app"))
 
 
-@pytest.mark.parametrize("name", ["otel-collector", "jaeger"])
+@pytest.mark.parametrize("name", ["otel-collector", "otel-collector-tail-sampling", "jaeger"])
 def test_pipelines_use_only_defined_components_and_every_defined_one(name: str) -> None:
     config = collector_configs()[name]
     pipelines = config["service"]["pipelines"]
@@ -277,9 +302,9 @@ def test_collector_pipelines() -> None:
     traces = pipelines["traces"]
     assert traces["receivers"] == ["otlp"]
     assert traces["processors"] == ["memory_limiter", "batch"]
-    assert {"otlp_grpc/jaeger", "debug", "spanmetrics"} <= set(traces["exporters"])
+    assert {"otlp/jaeger", "debug", "spanmetrics"} <= set(traces["exporters"])
     assert config["exporters"]["debug"]["verbosity"] == "basic"
-    assert config["exporters"]["otlp_grpc/jaeger"]["tls"]["insecure"] is True
+    assert config["exporters"]["otlp/jaeger"]["tls"]["insecure"] is True
     limiter = config["processors"]["memory_limiter"]
     assert {"check_interval", "limit_mib", "spike_limit_mib"} <= set(limiter)
     assert limiter["spike_limit_mib"] < limiter["limit_mib"]
@@ -334,7 +359,7 @@ def test_collector_exporters_reach_compose_services() -> None:
             assert host in services(), f"{name}: {component} sends to {host}, not a compose service"
             assert port in listening_ports(host), f"{name}: {component} sends to {host}:{port}, which is closed"
     assert checked > 0
-    assert host_port(collector_configs()["otel-collector"]["exporters"]["otlp_grpc/jaeger"]["endpoint"]) == (
+    assert host_port(collector_configs()["otel-collector"]["exporters"]["otlp/jaeger"]["endpoint"]) == (
         "jaeger",
         4317,
     )
@@ -416,10 +441,10 @@ def test_health_checks_where_the_image_allows_one() -> None:
         if distroless:
             # No shell, no client to probe with: the collector's own health_check extension instead.
             assert "healthcheck" not in svc, f"{name}'s image cannot run a health check"
-            config = load_yaml(config_file(name))
+            config = collector_configs()[name]
             assert "health_check" in config["service"]["extensions"]
             _, port = host_port(config["extensions"]["health_check"]["endpoint"])
-            assert ("127.0.0.1", port, port) in published_ports(svc)
+            assert port in [container_port for host, _, container_port in published_ports(svc) if host == "127.0.0.1"]
             continue
         check = svc.get("healthcheck")
         assert check, f"{name} has no healthcheck"
@@ -474,3 +499,42 @@ def test_docker_build_context_has_what_the_dockerfile_copies() -> None:
     for source in copied:
         assert (REPO / source).exists(), f"the Dockerfile copies {source}, which does not exist"
         assert not any(fnmatch.fnmatch(source, p) for p in patterns), f".dockerignore leaves {source} out"
+
+
+def built_release(variable: str) -> str:
+    """A release stack/build-stack.sh builds (``OTELCOL_VERSION=0.139.0``): what CI runs without Docker."""
+    found = re.search(rf"^{variable}=(\S+)", BUILD_SCRIPT.read_text(), re.MULTILINE)
+    assert found is not None, f"stack/build-stack.sh sets no {variable}"
+    return found.group(1)
+
+
+def test_images_are_the_releases_ci_runs() -> None:
+    # tests/test_real_stack.py runs what stack/build-stack.sh builds, and checks the Prometheus it runs
+    # against the prom/prometheus pin.
+    collectors = [svc["image"] for svc in services().values() if "opentelemetry-collector" in svc.get("image", "")]
+    assert collectors and {image_tag(image) for image in collectors} == {built_release("OTELCOL_VERSION")}
+    assert image_tag(service("jaeger")["image"]) == built_release("JAEGER_VERSION")
+    assert built_release("OTELCOL_VERSION") == "0.139.0"  # the release whose OTLP gRPC exporter is "otlp"
+
+
+def test_tail_sampling_profile_samples_what_goes_to_jaeger_only() -> None:
+    svc = service("otel-collector-tail-sampling")
+    assert svc["profiles"] == ["tail-sampling"]
+    assert svc["image"] == service("otel-collector")["image"]
+    assert config_files("otel-collector-tail-sampling") == [COLLECTOR_CONFIG, TAIL_SAMPLING_CONFIG]
+    config = collector_configs()["otel-collector-tail-sampling"]
+    pipelines = config["service"]["pipelines"]
+    to_jaeger = [p for p in pipelines.values() if "otlp/jaeger" in p["exporters"]]
+    assert [p["processors"] for p in to_jaeger] == [["memory_limiter", "tail_sampling", "batch"]]
+    # The span metrics (Jaeger's Monitor tab) still count every span: no sampler before the connector.
+    (to_metrics,) = [p for p in pipelines.values() if "spanmetrics" in p["exporters"]]
+    assert "tail_sampling" not in to_metrics["processors"] and to_metrics["receivers"] == ["otlp"]
+    policies = {p["name"]: p for p in config["processors"]["tail_sampling"]["policies"]}
+    assert list(policies) == ["task-not-successful", "task-blocked-the-event-loop", "task-slow", "the-rest"]
+    assert "background_task.outcome" in policies["task-not-successful"]["ottl_condition"]["span"][0]
+    events = policies["task-blocked-the-event-loop"]["ottl_condition"]["spanevent"]
+    assert events == ['name == "background_task.event_loop_blocked"']
+    # Every variable the file reads has its value in the profile's service (the file has defaults too).
+    variables = set(re.findall(r"\$\{env:(\w+):-", TAIL_SAMPLING_CONFIG.read_text()))
+    assert variables == set(environment(svc))
+    assert variables == {"TAIL_SAMPLING_PERCENTAGE", "TAIL_SAMPLING_DECISION_WAIT", "TAIL_SAMPLING_SLOW_TASK_MS"}

@@ -144,6 +144,9 @@ async def test_the_exported_error_record_carries_the_task_spans_ids(
     assert f"Background task {__name__}.fail failed (error): ValueError: no stock" in str(record.body)
     assert (record.trace_id, record.span_id) == ids(task)
     assert record.trace_flags is not None and record.trace_flags.sampled
+    # The tasks left unrun are the request's: so is the WARNING that names them (README, Logs).
+    skipped = [log.log_record for log in exported_logs.get_finished_logs() if "Skipped" in str(log.log_record.body)]
+    assert [(w.trace_id, w.span_id) for w in skipped] == ([] if lone else [ids(request)])
 
 
 async def test_the_blocked_event_loop_warning_carries_the_task_spans_ids(
@@ -248,14 +251,14 @@ def exemplar_ids(point: HistogramDataPoint) -> list[tuple[int | None, int | None
 async def test_exemplars_name_the_task_span(
     instrument: Any, exporter: InMemorySpanExporter, reader: InMemoryMetricReader, mode: str
 ) -> None:
-    instrument(mode=mode, continue_on_error=True)
+    instrument(mode=mode, continue_on_error=True, queue_duration_metric=True)
 
     def sync_ok() -> None:
         pass
 
+    # As Starlette runs them: in the request's context, whose span an exemplar taken at the end would name.
     with trace.get_tracer("tests").start_as_current_span("request"):
-        tasks = BackgroundTasks([BackgroundTask(sync_ok), BackgroundTask(fail)])
-    await tasks()
+        await BackgroundTasks([BackgroundTask(sync_ok), BackgroundTask(fail)])()
 
     spans = {s.attributes["code.function.name"]: s for s in task_spans(exporter) if s.attributes}
     ok_span, failed_span = spans[f"{__name__}.{sync_ok.__qualname__}"], spans[f"{__name__}.fail"]
@@ -268,6 +271,11 @@ async def test_exemplars_name_the_task_span(
     assert exemplar_ids(by_outcome["error"]) == [ids(failed_span)]  # a run with something to report
     (wait,) = points(metrics["background_task.threadpool.wait"]).values()
     assert exemplar_ids(wait) == [ids(ok_span)]
+    queued = {
+        dict(a)["background_task.execution"]: p for a, p in points(metrics["background_task.queue.duration"]).items()
+    }
+    assert exemplar_ids(queued["threadpool"]) == [ids(ok_span)]
+    assert exemplar_ids(queued["async"]) == [ids(failed_span)]
 
 
 @needs_exemplars

@@ -52,6 +52,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as SpanProto
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
 from packaging.requirements import Requirement
+from test_real_stack import stack_bin
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -661,6 +662,21 @@ NOT_RUN: dict[str, str] = {
 }
 
 
+# The no-Docker stack (README, "See it"): run by test_no_docker_stack_runs_as_shown, where stack/build-stack.sh
+# has built the programs (as .ci/run does; tests/test_real_stack.py runs them in depth).
+NO_DOCKER_BUILD = "stack/build-stack.sh   # once: a few minutes cold, then it only prints where the binaries are"
+NO_DOCKER_RUN = (
+    "stack/run-stack.sh     # Collector, Jaeger and Prometheus on 127.0.0.1 with collector-config/'s files; "
+    "Ctrl-C stops them"
+)
+NO_DOCKER_APP = (
+    "OTEL_SERVICE_NAME=otel-bgtasks-example OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4318 "
+    "OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf OTEL_LOGS_EXPORTER=none OTEL_METRIC_EXPORT_INTERVAL=10000 "
+    "opentelemetry-instrument uvicorn examples.fastapi_app:app"
+)
+NO_DOCKER = (NO_DOCKER_BUILD, NO_DOCKER_RUN, NO_DOCKER_APP)
+
+
 def runnable(shown: Shown) -> str:
     """The part of the command this test runs or lists ('' for a command that is all set-up)."""
     setup, rest = split_setup(shown.command)
@@ -712,13 +728,17 @@ def test_every_command_is_run_or_listed() -> None:
     unknown = [
         f"{part!r} ({', '.join(entry.where)})"
         for entry in shown.values()
-        if (part := runnable(entry)) and part not in SERVERS and part not in ONE_SHOTS and part not in NOT_RUN
+        if (part := runnable(entry)) and not any(part in known for known in (SERVERS, ONE_SHOTS, NOT_RUN, NO_DOCKER))
     ]
     assert not unknown, "shown in the docs, neither run by this test nor listed in NOT_RUN:\n" + "\n".join(unknown)
-    stale = [command for command in (*SERVERS, *ONE_SHOTS, *NOT_RUN) if command not in parts]
+    stale = [command for command in (*SERVERS, *ONE_SHOTS, *NOT_RUN, *NO_DOCKER) if command not in parts]
     assert not stale, f"no longer shown in the docs: {stale}"
     # Every curl line either has its server run here, or belongs to a server listed as not run.
-    assert all(runnable(entry) in SERVERS or runnable(entry) in NOT_RUN for entry in shown.values() if entry.curls)
+    assert all(
+        runnable(entry) in SERVERS or runnable(entry) in NOT_RUN or runnable(entry) == NO_DOCKER_APP
+        for entry in shown.values()
+        if entry.curls
+    )
 
 
 def test_readme_shows_the_zero_code_install() -> None:
@@ -793,3 +813,77 @@ def test_command_runs_as_shown(results: Results, command: str) -> None:
         raise outcome
     check = SERVERS[command][1] if command in SERVERS else ONE_SHOTS[command]
     check(outcome, results.received)
+
+
+# The variables stack/run-stack.sh takes a port from, each given a free one here.
+STACK_PORTS = re.findall(r"\$\{(STACK_\w+_PORT):-", (REPO / "stack" / "run-stack.sh").read_text())
+
+
+@pytest.mark.real_stack
+def test_no_docker_stack_runs_as_shown(tmp_path: Path) -> None:
+    directory = stack_bin()
+    if not all((directory / name).is_file() for name in ("otelcol", "jaeger")) or not shutil.which("prometheus"):
+        reason = f"the stack's programs are not built in {directory} (stack/build-stack.sh), or no prometheus"
+        if os.environ.get("STACK_REQUIRED"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    shown = shown_commands()
+    built = run_once(runnable(shown[NO_DOCKER_BUILD]), REPO)  # built already: it prints where
+    assert built.returncode == 0 and built.stdout == f"{directory}\n", built.output
+
+    assert len(STACK_PORTS) == 11, STACK_PORTS
+    ports = {variable: free_port() for variable in STACK_PORTS}
+    log = tmp_path / "stack.out"
+    with log.open("wb") as output:
+        stack = subprocess.Popen(
+            ["bash", "-c", NO_DOCKER_RUN],
+            cwd=REPO,
+            env={**environment(), **{variable: str(port) for variable, port in ports.items()}},
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # SIGINT to its process group, as Ctrl+C in a terminal
+        )
+    try:
+        deadline = time.monotonic() + START_SECONDS
+        while "ready:" not in log.read_text():
+            assert stack.poll() is None, f"exited with {stack.returncode}:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"not ready after {START_SECONDS}s:\n{log.read_text()}"
+            time.sleep(0.1)
+        prometheus = f"localhost:{ports['STACK_PROMETHEUS_PORT']}"
+        rules = json.loads(subprocess.run(["curl", "-s", f"{prometheus}/api/v1/rules"], capture_output=True).stdout)
+        assert [(g["name"], len(g["rules"])) for g in rules["data"]["groups"]] == [("otel_bgtasks", 12)]
+
+        # The app as shown, sending to this run's Collector; its curl lines as shown, to this run's ports.
+        app = NO_DOCKER_APP.replace("localhost:4318", f"localhost:{ports['STACK_OTLP_HTTP_PORT']}")
+        order, query = shown[NO_DOCKER_APP].curls
+        ran = run_server(app, REPO, [order], tmp_path)
+        assert_clean(ran)
+        assert ran.replies == ['{"status":"order received"}']
+        query = query.replace("localhost:16686", f"localhost:{ports['STACK_JAEGER_UI_PORT']}")
+        deadline = time.monotonic() + START_SECONDS
+        while True:  # the app's last spans left at its exit: Jaeger has them within a few seconds
+            reply = subprocess.run(["bash", "-c", query], capture_output=True, text=True, check=False)
+            traces = json.loads(reply.stdout)["data"] if reply.returncode == 0 and reply.stdout else None
+            spans = {span["operationName"]: span for trace in traces or [] for span in trace["spans"]}
+            if {"BackgroundTask charge_card", "BackgroundTask send_receipt"} <= set(spans):
+                break
+            assert time.monotonic() < deadline, f"{query}: {reply.stdout}{reply.stderr}\n{log.read_text()}"
+            time.sleep(0.5)
+        assert len(traces or []) == 1
+        tags = {name: {tag["key"]: tag["value"] for tag in span["tags"]} for name, span in spans.items()}
+        assert tags["BackgroundTask charge_card"]["background_task.outcome"] == "error"
+        assert tags["BackgroundTask charge_card"]["otel.status_code"] == "ERROR"
+        assert tags["BackgroundTask send_receipt"]["background_task.outcome"] == "skipped"
+        charge = spans["BackgroundTask charge_card"]
+        logs = [{f["key"]: f["value"] for f in entry["fields"]} for entry in charge["logs"]]
+        assert [entry["exception.type"] for entry in logs] == ["otel_bgtasks.cli.demo_app.PaymentDeclinedError"]
+    finally:
+        if stack.poll() is None:
+            os.killpg(stack.pid, signal.SIGINT)
+        try:
+            stack.wait(STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            os.killpg(stack.pid, signal.SIGKILL)
+            stack.wait(STOP_SECONDS)
+    assert stack.returncode == 0, log.read_text()  # Ctrl+C stops all three: a normal end
