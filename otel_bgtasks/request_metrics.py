@@ -51,11 +51,12 @@ import threading
 from collections.abc import Iterator
 from contextvars import ContextVar, Token
 from timeit import default_timer
-from types import FrameType
+from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Any, Final, SupportsIndex
 
 from opentelemetry.instrumentation.utils import unwrap
 from starlette import responses as _responses
+from starlette.middleware import base as _base
 from wrapt import ObjectProxy, wrap_function_wrapper
 
 from otel_bgtasks.guard import capture_internal_exceptions, internal_error
@@ -116,7 +117,7 @@ def response_complete() -> None:
 
 
 def _run_by_a_response(frame: FrameType | None) -> bool:
-    """Whether a ``__call__`` of ``starlette.responses`` awaits the task: it runs its ``background`` once it sent all.
+    """Whether a Starlette response's ``__call__`` awaits the task: it runs its ``background`` once it sent all.
 
     ``frame`` is the task wrapper's caller. A few frames up at most (Starlette's or FastAPI's
     ``BackgroundTasks``, a subclass's own ``__call__``); a response class of another module that runs its
@@ -125,14 +126,33 @@ def _run_by_a_response(frame: FrameType | None) -> bool:
     for _ in range(_AWAITERS_SEARCHED):
         if frame is None:
             return False
-        code = frame.f_code
-        if code.co_name == "__call__" and code.co_filename == _responses.__file__:
+        if id(frame.f_code) in _RESPONSE_CALL_IDS:
             return True
         frame = frame.f_back
     return False
 
 
 _AWAITERS_SEARCHED: Final = 12
+
+
+def _response_calls() -> frozenset[CodeType]:
+    """The code of each ``__call__`` that runs a Starlette response's background once it has sent the response.
+
+    Starlette's responses, and the streaming response of ``BaseHTTPMiddleware``'s ``call_next`` (whose
+    ``background`` a middleware may set).
+    """
+    codes: set[CodeType] = set()
+    for module in (_responses, _base):
+        for value in vars(module).values():
+            if isinstance(value, type) and issubclass(value, _responses.Response):
+                code = getattr(vars(value).get("__call__"), "__code__", None)
+                if isinstance(code, CodeType):
+                    codes.add(code)
+    return frozenset(codes)
+
+
+_RESPONSE_CALLS: Final = _response_calls()  # kept: their ids below stay theirs
+_RESPONSE_CALL_IDS: Final = frozenset(map(id, _RESPONSE_CALLS))  # a code object's own hash walks its fields
 
 
 class _Instrument(_Proxy):

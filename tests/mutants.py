@@ -291,7 +291,14 @@ MUTANTS = [
     Mutant("rm/outer-not-ended", "request_metrics.py", "request = request.outer\n", "request = None\n", RM),
     Mutant("rm/no-reset", "request_metrics.py", "_current.reset(request.token)", "pass", RM),
     Mutant("rm/equip-no-stack", "request_metrics.py", '("app", "middleware_stack")', '("app",)', RM),
-    Mutant("rm/inline-task-ends", "request_metrics.py", "if not _run_by_a_response(", "if not True or (", RM),
+    Mutant("rm/no-base-http-middleware", "request_metrics.py", "(_responses, _base):", "(_responses,):", RM),
+    Mutant(
+        "rm/inline-task-ends",
+        "request_metrics.py",
+        "if not _run_by_a_response(",
+        "if False and not _run_by_a_response(",
+        RM,
+    ),
     Mutant(
         "ts/close-held",
         "task_state.py",

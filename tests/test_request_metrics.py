@@ -581,6 +581,23 @@ async def test_base_http_middleware(tracer_provider: TracerProvider, where: str)
     assert_ends_with_response(await serve_held(app, held, reader))
 
 
+async def test_background_set_by_a_base_http_middleware(tracer_provider: TracerProvider) -> None:
+    """A middleware sets ``background`` on ``call_next``'s response: its task also runs after the response."""
+    reader = InMemoryMetricReader()
+    held = Held()
+    app = fastapi_app()  # the route queues nothing
+
+    async def add_task(request: Request, call_next: Any) -> Response:
+        response = await call_next(request)
+        response.background = BackgroundTask(held.run)
+        return response
+
+    app.add_middleware(BaseHTTPMiddleware, dispatch=add_task)
+    app.add_middleware(OpenTelemetryMiddleware, tracer_provider=tracer_provider, meter_provider=MeterProvider([reader]))
+    otel_bgtasks.instrument(tracer_provider=tracer_provider)
+    assert_ends_with_response(await serve_held(app, held, reader))
+
+
 def test_instruments_copy_and_pickle_as_contribs() -> None:
     """The proxies on a middleware's instruments copy and pickle as the instruments themselves (wrapt's refuse)."""
 
