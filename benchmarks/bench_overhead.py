@@ -220,6 +220,80 @@ def native_available() -> bool:
     return True
 
 
+# -- per request: contrib's ASGI middleware, request metrics that end with the response on or off ---------
+
+HTTP_SCOPE: dict[str, Any] = {
+    "type": "http",
+    "asgi": {"version": "3.0"},
+    "http_version": "1.1",
+    "method": "GET",
+    "scheme": "http",
+    "path": "/",
+    "raw_path": b"/",
+    "query_string": b"",
+    "root_path": "",
+    "headers": [(b"host", b"bench")],
+    "client": ("127.0.0.1", 50000),
+    "server": ("127.0.0.1", 80),
+}
+
+
+def asgi_requests(providers: Providers, tasks: int) -> Runner:
+    """n requests through contrib's ``OpenTelemetryMiddleware`` to an app that answers, then runs ``tasks`` tasks.
+
+    The app does what a Starlette response with ``background=`` does: the response, then the tasks. The
+    middleware is made after ``instrument()``, as an app's is when it starts serving.
+    """
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        background = BackgroundTasks()
+        for _ in range(tasks):
+            background.add_task(noop_async)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+        await background()
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        pass
+
+    middleware = OpenTelemetryMiddleware(
+        app, tracer_provider=providers.tracer_provider, meter_provider=providers.meter_provider
+    )
+
+    async def run(n: int) -> None:
+        for _ in range(n):
+            await middleware(dict(HTTP_SCOPE), receive, send)
+
+    run.middleware = middleware  # type: ignore[attr-defined]  # for check_request()
+    return run
+
+
+def asgi_request(end_at_response: bool, tasks: int = 0, contrib_sdk: bool = False) -> Install:
+    """otel_bgtasks defaults, ``request_metrics_end_at_response`` as given; requests through contrib's middleware.
+
+    Contrib's middleware gets the API's no-op tracer and meter unless ``contrib_sdk``: the feature's own
+    work is the same either way (it hands contrib's calls on to whatever instruments contrib has), and on
+    the SDK the request's own cost varies by about 2 k instructions from one region to the next, as much
+    as the figure measured. Task spans, if any, go to the SDK.
+    """
+
+    def install(providers: Providers) -> tuple[Runner, Removal]:
+        otel_bgtasks.uninstrument()
+        otel_bgtasks.instrument(
+            tracer_provider=providers.tracer_provider,
+            meter_provider=providers.meter_provider,
+            request_metrics_end_at_response=end_at_response,
+        )
+        contrib = providers if contrib_sdk else Providers(NoOpTracerProvider(), NoOpMeterProvider(), providers.reader)
+        return asgi_requests(contrib, tasks), otel_bgtasks.uninstrument
+
+    return install
+
+
 @dataclass(frozen=True)
 class Arm:
     label: str
@@ -232,6 +306,7 @@ class Arm:
     parented: bool = True
     task_metrics: bool = False
     per: int = TASKS  # units of work per iteration
+    per_request: bool = False  # one iteration is one request through contrib's middleware: figures per request
 
 
 def traced(label: str, install: Install, baseline: str = "plain", **kwargs: Any) -> Arm:
@@ -269,7 +344,33 @@ ARMS: dict[str, Arm] = {
     ),
     "plain_def": Arm("uninstrumented, def tasks", plain(func=noop_sync), None),
     "bgtasks_def": traced("otel_bgtasks defaults, def tasks", bgtasks({"func": noop_sync}), "plain_def"),
+    # Per request, through contrib's ASGI middleware: what request_metrics_end_at_response adds.
+    "request_off": Arm("request, no task: end_at_response off", asgi_request(False), None, per=1, per_request=True),
+    "request": Arm("request, no task: end_at_response on", asgi_request(True), "request_off", per=1, per_request=True),
+    "request_task_off": Arm(
+        "request, 1 task: end_at_response off", asgi_request(False, 1), None, task_spans=1, per=1, per_request=True
+    ),
+    "request_task": Arm(
+        "request, 1 task: end_at_response on",
+        asgi_request(True, 1),
+        "request_task_off",
+        task_spans=1,
+        per=1,
+        per_request=True,
+    ),
+    "request_sdk_off": Arm(
+        "request, no task, contrib on the SDK: off", asgi_request(False, 0, True), None, per=1, per_request=True
+    ),
+    "request_sdk": Arm(
+        "request, no task, contrib on the SDK: on",
+        asgi_request(True, 0, True),
+        "request_sdk_off",
+        per=1,
+        per_request=True,
+    ),
 }
+REQUEST_TARGETS = {"request": 6000}  # instructions per request the feature may add to a request with no task
+
 # In --breakdown (and always in the time mode): where the default's cost goes, and more options.
 BREAKDOWN_ONLY = frozenset(
     {
@@ -309,6 +410,9 @@ def check(name: str) -> list[ReadableSpan]:
     Returns the task spans.
     """
     arm = ARMS[name]
+    if arm.per_request:
+        check_request(name)
+        return []
     exporter = InMemorySpanExporter()
     providers = make_providers(exporter)
     run, remove = arm.install(providers)
@@ -335,6 +439,45 @@ def check(name: str) -> list[ReadableSpan]:
     if problems:
         raise SystemExit(f"arm {name!r} does not measure what it says: " + "; ".join(problems))
     return tasks
+
+
+def check_request(name: str) -> None:
+    """A request arm: contrib recorded one duration and the active count is back to 0, each task has its span,
+    and the middleware's instruments are otel_bgtasks' proxies exactly when the option is on."""
+    arm = ARMS[name]
+    exporter = InMemorySpanExporter()
+    providers = make_providers(exporter)
+    run, remove = arm.install(providers)
+    remove()
+    on = arm.baseline is not None
+    # The same request, contrib's middleware on the SDK: what it recorded is what is checked.
+    run, remove = asgi_request(on, arm.task_spans, contrib_sdk=True)(providers)
+    try:
+        asyncio.run(run(1))
+        counter = type(run.middleware.active_requests_counter)  # type: ignore[attr-defined]
+    finally:
+        remove()
+    problems = []
+    proxied = counter.__module__ == "otel_bgtasks.request_metrics"
+    if proxied != on:
+        problems.append(f"the active-requests counter is a {counter.__qualname__}")
+    tasks = [span for span in exporter.get_finished_spans() if semconv.CODE_FUNCTION_NAME in (span.attributes or {})]
+    if len(tasks) != arm.task_spans:
+        problems.append(f"expected {arm.task_spans} task spans, got {len(tasks)}")
+    durations = active = 0
+    data = providers.reader.get_metrics_data()
+    for resource in data.resource_metrics if data else ():
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                points: Any = metric.data.data_points
+                if metric.name in ("http.server.duration", "http.server.request.duration"):
+                    durations += sum(point.count for point in points)
+                elif metric.name == "http.server.active_requests":
+                    active += sum(point.value for point in points)
+    if durations < 1 or active != 0:
+        problems.append(f"contrib recorded {durations} request durations, {active} requests still active")
+    if problems:
+        raise SystemExit(f"arm {name!r} does not measure what it says: " + "; ".join(problems))
 
 
 def check_all(names: Sequence[str]) -> None:
@@ -573,8 +716,8 @@ def instructions_mode(args: argparse.Namespace) -> int:
         raise SystemExit(f"--instructions needs callgrind: {why_not}")
     n = args.n or (40 if args.quick else 200)
     names = selected_arms(args.breakdown, args.only)
-    # The unit is one span, not a request of five tasks: run it once per task.
-    jobs = [(name, n * TASKS // ARMS[name].per) for name in names]
+    # The unit is one span, not a request of five tasks: run it once per task. A request arm: n requests.
+    jobs = [(name, n if ARMS[name].per_request else n * TASKS // ARMS[name].per) for name in names]
     if args.breakdown:
         jobs.append(("pieces", n * TASKS))
     check_all(names)  # fail fast, before minutes under callgrind
@@ -588,8 +731,10 @@ def instructions_mode(args: argparse.Namespace) -> int:
         counts = {name: counts_of(out_dir / f"{name}.out", 1, runs)[0] for name, runs in jobs if name != "pieces"}
         per_task = {name: count.per_iteration / ARMS[name].per for name, count in counts.items()}
         print(header(f"{n} requests of {TASKS} async tasks per arm ({n * TASKS} bare spans for the unit)"))
-        print_counts(names, counts, per_task)
-        print_calls(names, counts, n)
+        task_arms = [name for name in names if not ARMS[name].per_request]
+        print_counts(task_arms, counts, per_task)
+        print_calls(task_arms, counts, n)
+        print_requests([name for name in names if ARMS[name].per_request], counts, per_task["unit"], n)
         if args.breakdown:
             print_parts(per_task)
             print_pieces(per_task["unit"], out_dir, n)
@@ -615,6 +760,26 @@ def print_counts(names: Sequence[str], counts: dict[str, Count], per_task: dict[
         verdict = "" if target is None else (" ok" if extra / span <= target else " OVER")
         target_text = "" if target is None else f"<= {target}"
         print(f"{arm.label:62} {extra:+17,.0f} {extra / span:15.2f} {target_text:>7} {drift}{verdict}")
+
+
+def print_requests(names: Sequence[str], counts: dict[str, Count], span: float, n: int) -> None:
+    """Per request through contrib's middleware: what request_metrics_end_at_response adds, tasks or not."""
+    if not names:
+        return
+    print(f"\nPer request through contrib's OpenTelemetryMiddleware ({n} requests per region), instructions:")
+    print("rows with a sign: extra over the same request with request_metrics_end_at_response off.")
+    print(f"{'arm':62} {'instructions/req':>17} {'bare spans/req':>15} {'target':>7} {'drift':>7}")
+    for name in names:
+        arm, count = ARMS[name], counts[name]
+        drift = f"{count.drift:+7.2%}"
+        if arm.baseline is None:
+            print(f"{arm.label:62} {count.per_iteration:17,.0f} {count.per_iteration / span:15.2f} {'':>7} {drift}")
+            continue
+        extra = count.per_iteration - counts[arm.baseline].per_iteration
+        target = REQUEST_TARGETS.get(name)
+        verdict = "" if target is None else (" ok" if extra <= target else " OVER")
+        target_text = "" if target is None else f"<= {target / 1000:g}k"
+        print(f"{arm.label:62} {extra:+17,.0f} {extra / span:15.3f} {target_text:>7} {drift}{verdict}")
 
 
 def print_calls(names: Sequence[str], counts: dict[str, Count], n: int) -> None:
@@ -708,7 +873,8 @@ def time_mode(args: argparse.Namespace) -> int:
         ratio = (per_unit[name] - per_unit[arm.baseline]) / span
         target = TARGETS.get(name)
         verdict = "" if target is None else (" ok" if ratio <= target else " OVER")
-        print(f"{arm.label:62} {ratio:15.2f} {'' if target is None else f'<= {target}':>7}{verdict}")
+        label = f"{arm.label} (per request)" if arm.per_request else arm.label
+        print(f"{label:62} {ratio:15.2f} {'' if target is None else f'<= {target}':>7}{verdict}")
     print(f"\nuninstrumented task / bare span: {per_unit['plain'] / span:.2f} (context: what a no-op task costs)")
     print_parts(per_unit)
     return 0

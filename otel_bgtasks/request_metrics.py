@@ -46,47 +46,47 @@ unless :func:`equip` reaches them (``instrument(app)`` does, for the app it is g
 from __future__ import annotations
 
 import copy
+import inspect
+import logging
 import sys
 import threading
 from collections.abc import Iterator
-from contextvars import ContextVar, Token
+from contextvars import ContextVar
 from timeit import default_timer
 from types import CodeType, FrameType
-from typing import TYPE_CHECKING, Any, Final, SupportsIndex
+from typing import Any, Final, SupportsIndex
 
 from opentelemetry.instrumentation.utils import unwrap
 from starlette import responses as _responses
 from starlette.middleware import base as _base
-from wrapt import ObjectProxy, wrap_function_wrapper
+from wrapt import wrap_function_wrapper
 
 from otel_bgtasks.guard import capture_internal_exceptions, internal_error
+
+_logger = logging.getLogger("otel_bgtasks")
 
 # Contrib's instruments on a middleware instance, by release: duration histograms and their units' scale
 # to seconds (0.46b0: ``duration_histogram``, ms; 0.47b0 on: ``_old`` in ms, ``_new`` in s, either None).
 DURATION_ATTRIBUTES: Final = {"duration_histogram": 1000, "duration_histogram_old": 1000, "duration_histogram_new": 1}
 ACTIVE_REQUESTS_ATTRIBUTE: Final = "active_requests_counter"
 
-if TYPE_CHECKING:
-    _Proxy = ObjectProxy[Any]
-else:
-    _Proxy = ObjectProxy  # not subscriptable at run time before wrapt 2
 
+# One HTTP request through one contrib middleware, from contrib's add(1): a list, which costs about 1 k
+# instructions a request less than an instance of a class with slots (measured under callgrind):
+#   [_OWNER]       the middleware's counter stand-in: its duration histograms answer to the same
+#   [_ATTRIBUTES]  contrib's own attributes, for its add(-1)
+#   [_OUTER]       an outer contrib middleware's request, which ends at the same response; or None
+#   [_STARTED]     default_timer() at contrib's add(1)
+#   [_ENDED]       default_timer() when the response completed and the request was taken off the active
+#                  count; None until then (contrib's own add(-1) is then not passed on)
+#   [_FINISHED]    contrib's add(-1) came: the request is over, whatever is left of it in a context
+_Request = list[Any]
+_OWNER, _ATTRIBUTES, _OUTER, _STARTED, _ENDED, _FINISHED = range(6)
 
-class _Request:
-    """One HTTP request through one contrib middleware: whether, and when, its response completed."""
-
-    __slots__ = ("active", "attributes", "ended", "outer", "owner", "started", "taken_off", "token")
-
-    def __init__(self, owner: _ActiveRequests, attributes: Any, outer: _Request | None) -> None:
-        self.owner = owner  # the middleware's counter proxy: its duration proxies answer to the same
-        self.attributes = attributes  # contrib's own, for its add(-1)
-        self.outer = outer  # an outer contrib middleware's request: it ends at the same response
-        self.started = default_timer()
-        self.ended: float | None = None  # default_timer() when the response completed
-        self.taken_off = False  # off the active count at the response's end: contrib's add(-1) is not passed on
-        self.token: Token[_Request | None] | None = None
-
-
+# Set at contrib's add(1), not reset at its add(-1): a reset costs as much again (measured), and a server
+# runs each request in a context of its own. Where the app is called in its caller's context (an
+# in-process client), what is left is the last request's holder, finished and inert; the next request
+# replaces it without linking to it, so nothing accumulates.
 _current: ContextVar[_Request | None] = ContextVar("otel_bgtasks_request_metrics", default=None)
 
 
@@ -98,22 +98,24 @@ def response_complete() -> None:
     it ends nothing, so the request stays active and its duration includes what follows.
     """
     request = _current.get()
-    if request is None or request.ended is not None:
-        return
-    try:
-        if not _run_by_a_response(sys._getframe(2)):  # pyright: ignore[reportPrivateUsage]
-            return
-    except Exception as exc:
-        internal_error(exc)
-        return
-    while request is not None and request.ended is None:
-        request.ended = default_timer()
-        try:
-            request.owner.__wrapped__.add(-1, request.attributes)
-            request.taken_off = True
-        except Exception as exc:
-            internal_error(exc)
-        request = request.outer
+    checked = False
+    while request is not None:
+        if request[_ENDED] is None and not request[_FINISHED]:
+            if not checked:
+                try:
+                    if not _run_by_a_response(sys._getframe(2)):  # pyright: ignore[reportPrivateUsage]
+                        return
+                except Exception as exc:
+                    internal_error(exc)
+                    return
+                checked = True
+            ended = default_timer()
+            try:
+                request[_OWNER].__wrapped__.add(-1, request[_ATTRIBUTES])
+                request[_ENDED] = ended
+            except Exception as exc:
+                internal_error(exc)
+        request = request[_OUTER]
 
 
 def _run_by_a_response(frame: FrameType | None) -> bool:
@@ -155,8 +157,44 @@ _RESPONSE_CALLS: Final = _response_calls()  # kept: their ids below stay theirs
 _RESPONSE_CALL_IDS: Final = frozenset(map(id, _RESPONSE_CALLS))  # a code object's own hash walks its fields
 
 
-class _Instrument(_Proxy):
-    """A proxy that copies and pickles as the instrument it stands for (wrapt's own refuse to): as contrib's."""
+class _Instrument:
+    """A thin stand-in for one of contrib's instruments, with the API's own call signature.
+
+    Measured under callgrind, each piece of generality costs on every request: a wrapt proxy's Python
+    subclass or a ``__getattr__`` sends every attribute access down the slow path, and ``*args, **kwargs``
+    forwarding costs about 3 k instructions a call. So: slots, the API's explicit parameters (checked
+    against the installed API by :func:`_api_signatures_known`), and the instrument's descriptive
+    attributes as properties. Copies and pickles are the instrument's own, as uninstrumented.
+    """
+
+    __slots__ = ("__wrapped__",)
+
+    def __init__(self, instrument: Any) -> None:
+        self.__wrapped__ = instrument
+
+    @property
+    def name(self) -> Any:
+        """The instrument's."""
+        return self.__wrapped__.name
+
+    @property
+    def unit(self) -> Any:
+        """The instrument's."""
+        return self.__wrapped__.unit
+
+    @property
+    def description(self) -> Any:
+        """The instrument's."""
+        return self.__wrapped__.description
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # pyright: ignore[reportIncompatibleMethodOverride]
+        """The instrument's: ``isinstance`` and pickle see the instrument, as wrapt's proxies make them."""
+        instrument: Any = self.__wrapped__
+        return type(instrument)  # pyright: ignore[reportUnknownVariableType]
+
+    def __repr__(self) -> str:
+        return repr(self.__wrapped__)
 
     def __copy__(self) -> Any:
         return copy.copy(self.__wrapped__)
@@ -169,52 +207,67 @@ class _Instrument(_Proxy):
 
 
 class _ActiveRequests(_Instrument):
-    """Contrib's ``http.server.active_requests`` counter on one middleware: it holds the request's holder."""
+    """Contrib's ``http.server.active_requests`` counter on one middleware: it hands out the request's holder."""
 
-    def add(self, amount: Any, attributes: Any = None, *args: Any, **kwargs: Any) -> None:
+    __slots__ = ()
+
+    def add(self, amount: Any, attributes: Any = None, context: Any = None) -> None:
         """Contrib's ``add(1, ...)`` at a request's start, ``add(-1, ...)`` at its end: the same ``attributes``."""
-        counter: Any = self.__wrapped__
         if amount == -1:
             request = _current.get()
-            if request is not None and request.owner is self:
-                try:
-                    if request.token is not None:
-                        _current.reset(request.token)
-                except Exception as exc:
-                    internal_error(exc)
-                if request.taken_off:
-                    return  # at the response's end already
-        elif amount == 1 and _installed:
-            try:
-                request = _Request(self, attributes, _current.get())
-                request.token = _current.set(request)
-            except Exception as exc:
-                internal_error(exc)
-        counter.add(amount, attributes, *args, **kwargs)
+            while request is not None and request[_OWNER] is not self:  # its own first; past it, nested ones
+                request = request[_OUTER]
+            if request is not None and not request[_FINISHED]:
+                request[_FINISHED] = True
+                if request[_ENDED] is not None:
+                    return  # taken off at the response's end already
+        elif amount == 1 and _installed is not None:
+            current = _current.get()
+            outer = None if current is None or current[_FINISHED] else current
+            _current.set([self, attributes, outer, default_timer(), None, False])
+        if context is None:  # the API before 1.28 has no context parameter: pass it only when given
+            self.__wrapped__.add(amount, attributes)
+        else:
+            self.__wrapped__.add(amount, attributes, context)
 
 
 class _Duration(_Instrument):
     """One of contrib's request duration histograms on one middleware: it leaves out the time after the response."""
 
+    __slots__ = ("owner", "scale")
+
     def __init__(self, histogram: Any, owner: _ActiveRequests, scale: int) -> None:
         super().__init__(histogram)
-        self._self_owner = owner
-        self._self_scale = scale  # the unit's per second: 1000 for ms
+        self.owner = owner
+        self.scale = scale  # the unit's per second: 1000 for ms
 
-    def record(self, amount: Any, attributes: Any = None, *args: Any, **kwargs: Any) -> None:
+    def record(self, amount: Any, attributes: Any = None, context: Any = None) -> None:
         """Contrib's record in its ``finally``: after the tasks, its value less their time."""
         request = _current.get()
-        if request is not None and request.ended is not None and request.owner is self._self_owner:
+        while request is not None and request[_OWNER] is not self.owner:
+            request = request[_OUTER]
+        if request is not None and request[_ENDED] is not None and not request[_FINISHED]:
             try:
-                amount = self._until_response(amount, request, request.ended)
+                amount = self._until_response(amount, request)
             except Exception as exc:
                 internal_error(exc)
-        self.__wrapped__.record(amount, attributes, *args, **kwargs)
+        if context is None:
+            self.__wrapped__.record(amount, attributes)
+        else:
+            self.__wrapped__.record(amount, attributes, context)
 
-    def _until_response(self, amount: Any, request: _Request, ended: float) -> Any:
-        if self._self_scale == 1:
-            return max(amount - (default_timer() - ended), 0)
-        return max(round((ended - request.started) * self._self_scale), 0)
+    def _until_response(self, amount: Any, request: _Request) -> Any:
+        if self.scale == 1:
+            return max(amount - (default_timer() - request[_ENDED]), 0)
+        return max(round((request[_ENDED] - request[_STARTED]) * self.scale), 0)
+
+
+def _api_signatures_known() -> bool:
+    """Whether the API's ``add`` and ``record`` take what the stand-ins take, and no more (a later API might)."""
+    from opentelemetry.metrics import Histogram, UpDownCounter
+
+    known = (["self", "amount", "attributes"], ["self", "amount", "attributes", "context"])
+    return all(list(inspect.signature(method).parameters) in known for method in (UpDownCounter.add, Histogram.record))
 
 
 def _proxies(instance: Any) -> Iterator[tuple[str, Any]]:
@@ -278,6 +331,9 @@ def install() -> None:
             return
         from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware  # pyright: ignore[reportMissingTypeStubs]
 
+        if not _api_signatures_known():
+            _logger.debug("the metrics API's add/record take other parameters: request metrics left as they are")
+            return
         wrap_function_wrapper(OpenTelemetryMiddleware, "__init__", _init_middleware)
         _installed = OpenTelemetryMiddleware
 

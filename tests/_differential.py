@@ -29,6 +29,7 @@ import pickle
 import re
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -451,7 +452,7 @@ def stack_modules() -> list[str]:
     frame = sys._getframe(2)
     modules = []
     while frame is not None:
-        modules.append(str(frame.f_globals.get("__name__")))
+        modules.append(f"{frame.f_globals.get('__name__')}:{frame.f_code.co_name}")
         frame = frame.f_back
     return modules
 
@@ -869,11 +870,26 @@ _CAUGHT_HANDLED = ".RuntimeError: Caught handled exception, but response already
 def documented_sentry(events: list[Any]) -> list[Any]:
     """The uninstrumented Sentry events minus Starlette's wrapper of a task failure otel_bgtasks forwarded.
 
+    Without otel_bgtasks sentry-sdk sometimes reports a task's failure twice (behind BaseHTTPMiddleware:
+    its integration's event and uvicorn's log line); README promises one event per failure.
+
     With an exception handler for the task's error, Starlette re-raises it as "Caught handled exception,
     but response already started" (``from`` the task's exception); otel_bgtasks has reported the task's
     failure itself and drops that wrapper's event (issue 18 §6: "and Starlette's wrapper that chains it").
     """
-    return [event for event in events if event != ("exception", (_CAUGHT_HANDLED,))]
+    kept: list[Any] = []
+    for event in events:
+        if event == ("exception", (_CAUGHT_HANDLED,)):
+            continue
+        if event in kept and _is_task_failure(event):
+            continue  # README: one event per failure (sentry-sdk alone may send a task's failure twice)
+        kept.append(event)
+    return kept
+
+
+def _is_task_failure(event: Any) -> bool:
+    kind, values = event
+    return kind == "exception" and values[0].startswith((f"{TaskFailed.__module__}.TaskFailed: ", ".TimeoutError"))
 
 
 def documented_timeout_chain(chain: Any) -> Any:
@@ -1122,7 +1138,20 @@ def serve_with_uvicorn(app: Any, observed: Observed) -> None:
         if inner_app is not None:
             loaded.app = Finished(inner_app)
         response = httpx.get(server.url + "/run", timeout=10)
-        finished.wait(10)
+        if not finished.wait(10 if inner_app is not None else 0):
+            _wait_for_quiet_effects()  # no hook in this uvicorn: the tasks have ended once nothing moves
     observed.status = response.status_code
     observed.headers = sorted((k, v) for k, v in response.headers.items() if k not in ("date", "server"))
     observed.body = response.content
+
+
+def _wait_for_quiet_effects(quiet: float = 0.5, limit: float = 10.0) -> None:
+    deadline = time.monotonic() + limit
+    seen = -1
+    while time.monotonic() < deadline:
+        with _effects_lock:
+            count = len(EFFECTS)
+        if count == seen:
+            return
+        seen = count
+        time.sleep(quiet)

@@ -24,7 +24,7 @@ from starlette import background as starlette_background
 from starlette import concurrency as starlette_concurrency
 
 import otel_bgtasks
-from otel_bgtasks import guard
+from otel_bgtasks import guard, metrics
 
 _exporter = InMemorySpanExporter()
 _provider = TracerProvider()
@@ -65,9 +65,14 @@ def exporter() -> Iterator[InMemorySpanExporter]:
 
 
 @pytest.fixture(autouse=True)
-def _clean_patches() -> Iterator[None]:
-    """Every test starts and ends uninstrumented, whatever it did."""
+def _clean_patches(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every test starts and ends uninstrumented, whatever it did, with the histograms' series bound unspent.
+
+    The bound is the process's (otel_bgtasks/metrics.py): a test that makes thousands of task functions
+    would otherwise leave every later test's new functions in the overflow series.
+    """
     otel_bgtasks.uninstrument()
+    monkeypatch.setattr(metrics, "_histogram_series", metrics._Series())  # pyright: ignore[reportPrivateUsage]
     yield
     otel_bgtasks.uninstrument()
 

@@ -238,14 +238,22 @@ def mistaken_app(func: Callable[[], Any]) -> Starlette:
 async def test_the_type_error_reaching_the_server_is_starlettes_own(
     instrument: Callable[..., None], mistake: str
 ) -> None:
-    def make() -> Any:
-        return send_email("b@example.com") if mistake == "coroutine" else None
+    made: list[Any] = []  # the uninstrumented run's coroutine, closed here (else Python warns whenever it is freed)
+    keep = [True]
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # the uninstrumented run's "never awaited"
-        uninstrumented = await _get(mistaken_app(make), raise_app_exceptions=True)
-        gc.collect()
+    def make() -> Any:
+        if mistake == "None":
+            return None
+        coroutine = send_email("b@example.com")
+        if keep[0]:
+            made.append(coroutine)
+        return coroutine
+
+    uninstrumented = await _get(mistaken_app(make), raise_app_exceptions=True)
     assert uninstrumented == (None, "", "TypeError: the first argument must be callable")
+    for coroutine in made:
+        coroutine.close()
+    keep[0] = False  # instrumented, only the task holds it
     instrument()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # closed when run, as only the task held it: no "never awaited"

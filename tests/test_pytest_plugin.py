@@ -413,6 +413,25 @@ def test_a_test_failing_on_its_own_shows_its_tasks_and_is_not_failed_twice(suite
     )
 
 
+def test_the_failure_log_line_says_where_the_task_raised(suite: pytest.Pytester) -> None:
+    """Not ``wrappers.py:0``, and no all-zero ids: the task's own file and line, its message, its trace or none."""
+    write_tests(
+        suite,
+        """
+        def test_breaks(background_tasks):
+            client.post("/order")
+            raise KeyError("to show the captured log")
+        """,
+    )
+    result = suite.runpytest_inprocess("-o", "log_level=ERROR")
+    result.assert_outcomes(failed=1)
+    raised = 1 + textwrap.dedent(APP).lstrip().splitlines().index('    raise ValueError("card declined")')
+    (line,) = [line for line in result.stdout.lines if "Background task app.charge_card failed" in line]
+    assert line.startswith(f"ERROR    otel_bgtasks:app.py:{raised} Background task app.charge_card failed (error): ")
+    assert "ValueError: card declined [" in line
+    assert "0000000000000000" not in line
+
+
 # -- The fixture ---------------------------------------------------------------------------------------
 
 RECORDS = """

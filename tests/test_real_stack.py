@@ -841,7 +841,9 @@ def test_collector_restart_mid_traffic_goes_unnoticed_and_spans_after_it_arrive(
             output = server.output()
     # The app never noticed: every request answered at once, the tasks ran, the server stopped cleanly.
     assert len(latencies) == 40 and max(latencies) < 1.0, latencies
-    assert "Traceback" not in output.replace("Failed to export", ""), output
+    # No error from the app or from otel_bgtasks; the SDK's exporter logs each failed export (with a traceback
+    # in older SDKs), which is all the outage shows.
+    assert "Exception in ASGI application" not in output and "/otel_bgtasks/" not in output, output
 
     def after_restart() -> list[JaegerTrace] | None:
         traces = [
