@@ -33,6 +33,7 @@ from otel_bgtasks import listeners
 from otel_bgtasks.arguments import ArgumentCapture
 from otel_bgtasks.install import pip_install
 from otel_bgtasks.listeners import TaskListener
+from otel_bgtasks.mistakes import DiscardedCoroutineError
 from otel_bgtasks.naming import MAX_LISTED
 from otel_bgtasks.task_state import TaskRun, TaskState
 
@@ -78,6 +79,9 @@ class SentryForwarder(TaskListener):
         In "auto" mode only an application that imported sentry_sdk (to call ``init``) uses Sentry:
         importing it ourselves on the first failure would stall the event loop for ~0.2 s for nothing.
         """
+        # A body that never ran raised nothing in the app: its record is otel_bgtasks' own (span, log, metrics).
+        if type(run.error) is DiscardedCoroutineError:
+            return
         if run.error is not None and (not self._auto or "sentry_sdk" in sys.modules):
             self.forward(run, run.error)
 

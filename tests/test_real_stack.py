@@ -35,6 +35,8 @@ import pytest
 import yaml
 from test_otlp_end_to_end import Server, free_port, serving
 
+from otel_bgtasks.metrics import _BUCKET_ADVICE, BUCKET_BOUNDS  # pyright: ignore[reportPrivateUsage]
+
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "collector-config"
 BUILD_SCRIPT = REPO / "stack" / "build-stack.sh"
@@ -640,11 +642,15 @@ def test_promql_returns_duration_buckets_and_outcome_counts(stack: Stack, child_
         "background_task_outcome",
     )
     assert buckets == {key: value for key, value in outcomes.items() if key[1] != "skipped"}
-    # The SDK's default bucket bounds, in seconds (0, 5, 10, 25, ...): resize_images (0.2 s) is in the first
-    # one above 0 (the bounds the BackgroundTaskSlow rule is written for).
+    # otel_bgtasks' own bounds in seconds (metrics.BUCKET_BOUNDS, given to the SDK as advice), not the SDK's
+    # default (0, 5, 10, ...): resize_images (0.2 s) is above 0.1 s and well under 2.5 s.
     resize = f'{job}, code_function_name="{DEMO}.resize_images"'
     bounds = values(stack.promql(f"background_task_duration_seconds_bucket{{{resize}}}"), "le")
-    assert bounds[("0",)] == 0 and bounds[("5",)] == bounds[("10",)] == bounds[("+Inf",)] == 2, bounds
+    if not _BUCKET_ADVICE:  # an SDK older than 1.30 takes no advice: its default bounds (README, Metrics)
+        assert bounds[("0",)] == 0 and bounds[("5",)] == bounds[("10",)] == bounds[("+Inf",)] == 2, bounds
+    else:
+        assert sorted(float(le) for (le,) in bounds) == [*BUCKET_BOUNDS, float("inf")], bounds
+        assert bounds[("0.1",)] == 0 and bounds[("2.5",)] == bounds[("10",)] == bounds[("+Inf",)] == 2, bounds
     blocked = values(stack.promql(f"background_task_blocked_total{{{job}}}"), "code_function_name")
     assert blocked == {(f"{DEMO}.resize_images",): 2}
     # The span metrics of the same tasks (the spanmetrics connector), with their outcome dimension.
