@@ -57,8 +57,6 @@ from types import CodeType, FrameType
 from typing import Any, Final, SupportsIndex
 
 from opentelemetry.instrumentation.utils import unwrap
-from starlette import responses as _responses
-from starlette.middleware import base as _base
 from wrapt import wrap_function_wrapper
 
 from otel_bgtasks.guard import capture_internal_exceptions, internal_error
@@ -128,7 +126,7 @@ def _run_by_a_response(frame: FrameType | None) -> bool:
     for _ in range(_AWAITERS_SEARCHED):
         if frame is None:
             return False
-        if id(frame.f_code) in _RESPONSE_CALL_IDS:
+        if id(frame.f_code) in _response_call_ids:
             return True
         frame = frame.f_back
     return False
@@ -143,18 +141,23 @@ def _response_calls() -> frozenset[CodeType]:
     Starlette's responses, and the streaming response of ``BaseHTTPMiddleware``'s ``call_next`` (whose
     ``background`` a middleware may set).
     """
+    from starlette import responses
+    from starlette.middleware import base
+
     codes: set[CodeType] = set()
-    for module in (_responses, _base):
+    for module in (responses, base):
         for value in vars(module).values():
-            if isinstance(value, type) and issubclass(value, _responses.Response):
+            if isinstance(value, type) and issubclass(value, responses.Response):
                 code = getattr(vars(value).get("__call__"), "__code__", None)
                 if isinstance(code, CodeType):
                     codes.add(code)
     return frozenset(codes)
 
 
-_RESPONSE_CALLS: Final = _response_calls()  # kept: their ids below stay theirs
-_RESPONSE_CALL_IDS: Final = frozenset(map(id, _RESPONSE_CALLS))  # a code object's own hash walks its fields
+# Set by install(), which runs only with Starlette there (the package imports without it). The codes are
+# kept so that their ids stay theirs; ids, because a code object's own hash walks its fields.
+_response_codes: frozenset[CodeType] = frozenset()
+_response_call_ids: frozenset[int] = frozenset()
 
 
 class _Instrument:
@@ -325,7 +328,7 @@ _installed: type | None = None  # contrib's middleware class, while its __init__
 
 def install() -> None:
     """Make contrib's request metrics end with the response, for the middleware instances made from now on."""
-    global _installed
+    global _installed, _response_codes, _response_call_ids
     with _lock, capture_internal_exceptions():
         if _installed is not None:
             return
@@ -334,6 +337,8 @@ def install() -> None:
         if not _api_signatures_known():
             _logger.debug("the metrics API's add/record take other parameters: request metrics left as they are")
             return
+        _response_codes = _response_calls()
+        _response_call_ids = frozenset(map(id, _response_codes))
         wrap_function_wrapper(OpenTelemetryMiddleware, "__init__", _init_middleware)
         _installed = OpenTelemetryMiddleware
 

@@ -307,7 +307,7 @@ MUTANTS = [
         RM,
     ),
     Mutant("rm/equip-no-stack", "request_metrics.py", '("app", "middleware_stack")', '("app",)', RM),
-    Mutant("rm/no-base-http-middleware", "request_metrics.py", "(_responses, _base):", "(_responses,):", RM),
+    Mutant("rm/no-base-http-middleware", "request_metrics.py", "(responses, base):", "(responses,):", RM),
     Mutant(
         "rm/inline-task-ends",
         "request_metrics.py",
