@@ -25,10 +25,12 @@ Instead, what contrib *records* is adjusted, through its own instruments:
   ``add(-1)`` marks it finished rather than resetting the variable (a reset costs as much again; a server
   runs each request in a context of its own, and an in-process client's context keeps only the last,
   inert holder).
-- The response is complete when the first background task of the request starts: Starlette runs them
-  right after the last body chunk (or once the client is gone from a stream). The task wrappers call
-  :func:`response_complete` then, which takes the request off the active count with contrib's own
-  counter and attributes, and notes the time. Contrib's own ``add(-1)`` later is then not passed on.
+- The response is complete when the first background task of the request starts from a Starlette
+  response (its ``background``, found among the task's awaiters): Starlette runs them right after the
+  last body chunk (or once the client is gone from a stream). A task the route awaits itself, before
+  answering, is no sign of it. The task wrappers call :func:`response_complete` then, which takes the
+  request off the active count with contrib's own counter and attributes, and notes the time. Contrib's
+  own ``add(-1)`` later is then not passed on.
 - Contrib's duration records, after the tasks, are passed on minus the time spent after that moment
   (the seconds histogram: its value less that time; the whole-millisecond one, which contrib rounds:
   the time from contrib's ``add(+1)`` to that moment, rounded as contrib does, rather than a rounded
@@ -48,10 +50,12 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import sys
 import threading
 from collections.abc import Iterator
 from contextvars import ContextVar
 from timeit import default_timer
+from types import CodeType, FrameType
 from typing import Any, Final, SupportsIndex
 
 from opentelemetry.instrumentation.utils import unwrap
@@ -87,13 +91,24 @@ _current: ContextVar[_Request | None] = ContextVar("otel_bgtasks_request_metrics
 
 
 def response_complete() -> None:
-    """A background task starts: the response of the request (and of any outer one) is complete.
+    """A task starts: if a Starlette response runs it, the response of the request (and of any outer one) is complete.
 
-    Called by the task wrappers at every task's start; past the first task of a request, one lookup.
+    Called by the task wrappers at every task's start; past the first task of a request, one lookup. A task
+    the route awaits itself (``await BackgroundTask(job)()`` before answering) runs before the response:
+    it ends nothing, so the request stays active and its duration includes what follows.
     """
     request = _current.get()
+    checked = False
     while request is not None:
         if request[_ENDED] is None and not request[_FINISHED]:
+            if not checked:
+                try:
+                    if not _run_by_a_response(sys._getframe(2)):  # pyright: ignore[reportPrivateUsage]
+                        return
+                except Exception as exc:
+                    internal_error(exc)
+                    return
+                checked = True
             ended = default_timer()
             try:
                 request[_OWNER].__wrapped__.add(-1, request[_ATTRIBUTES])
@@ -101,6 +116,50 @@ def response_complete() -> None:
             except Exception as exc:
                 internal_error(exc)
         request = request[_OUTER]
+
+
+def _run_by_a_response(frame: FrameType | None) -> bool:
+    """Whether a Starlette response's ``__call__`` awaits the task: it runs its ``background`` once it sent all.
+
+    ``frame`` is the task wrapper's caller. A few frames up at most (Starlette's or FastAPI's
+    ``BackgroundTasks``, a subclass's own ``__call__``); a response class of another module that runs its
+    background leaves the metrics as contrib records them.
+    """
+    for _ in range(_AWAITERS_SEARCHED):
+        if frame is None:
+            return False
+        if id(frame.f_code) in _response_call_ids:
+            return True
+        frame = frame.f_back
+    return False
+
+
+_AWAITERS_SEARCHED: Final = 12
+
+
+def _response_calls() -> frozenset[CodeType]:
+    """The code of each ``__call__`` that runs a Starlette response's background once it has sent the response.
+
+    Starlette's responses, and the streaming response of ``BaseHTTPMiddleware``'s ``call_next`` (whose
+    ``background`` a middleware may set).
+    """
+    from starlette import responses
+    from starlette.middleware import base
+
+    codes: set[CodeType] = set()
+    for module in (responses, base):
+        for value in vars(module).values():
+            if isinstance(value, type) and issubclass(value, responses.Response):
+                code = getattr(vars(value).get("__call__"), "__code__", None)
+                if isinstance(code, CodeType):
+                    codes.add(code)
+    return frozenset(codes)
+
+
+# Set by install(), which runs only with Starlette there (the package imports without it). The codes are
+# kept so that their ids stay theirs; ids, because a code object's own hash walks its fields.
+_response_codes: frozenset[CodeType] = frozenset()
+_response_call_ids: frozenset[int] = frozenset()
 
 
 class _Instrument:
@@ -271,7 +330,7 @@ _installed: type | None = None  # contrib's middleware class, while its __init__
 
 def install() -> None:
     """Make contrib's request metrics end with the response, for the middleware instances made from now on."""
-    global _installed
+    global _installed, _response_codes, _response_call_ids
     with _lock, capture_internal_exceptions():
         if _installed is not None:
             return
@@ -280,6 +339,8 @@ def install() -> None:
         if not _api_signatures_known():
             _logger.debug("the metrics API's add/record take other parameters: request metrics left as they are")
             return
+        _response_codes = _response_calls()
+        _response_call_ids = frozenset(map(id, _response_codes))
         wrap_function_wrapper(OpenTelemetryMiddleware, "__init__", _init_middleware)
         _installed = OpenTelemetryMiddleware
 

@@ -46,6 +46,7 @@ class TaskState:
         "coroutine",
         "enqueued_ns",
         "index",
+        "is_async",
         "key",
         "names",
         "on_drop",
@@ -65,12 +66,14 @@ class TaskState:
         names: FunctionNames,
         where: tuple[str, int] | None = None,
         on_drop: DropWatcher | None = None,
+        is_async: bool = False,
     ) -> None:
         self.context = context
         self.enqueued_ns = enqueued_ns
         self.names = names
         self.where = where  # (file, line) that created it; formatted only when someone asks for the site
         self.on_drop = on_drop
+        self.is_async = is_async  # Starlette's own judgement at creation: a dropped task is counted under it
         self.index: int | None = None
         self.settled = False  # its fate is told: it started, was shown as skipped, or could never run
         self.ran = False  # our __call__ wrapper started it (a subclass's own __call__ may bypass it)

@@ -139,6 +139,7 @@ class TaskWrappers:
                 creation_site(sys._getframe(1)),  # pyright: ignore[reportPrivateUsage]
                 # Who to tell if it is dropped; nobody for a subclass whose own __call__ may run it unseen.
                 None if _overrides_call(type(instance)) else self,  # pyright: ignore[reportUnknownArgumentType]
+                instance.is_async,
             )
             if not callable(func):  # a coroutine object is not callable either
                 problem = self._invalid(state, func)
@@ -180,7 +181,7 @@ class TaskWrappers:
         """A task this instrumentation saw made was garbage-collected without running (TaskState.__del__)."""
         if self.retired:
             return
-        execution = semconv.EXECUTION_THREADPOOL  # unknown for a task never run; sync is Starlette's default
+        execution = semconv.EXECUTION_ASYNC if state.is_async else semconv.EXECUTION_THREADPOOL
         self._metrics.count(state.names.function_name, execution, semconv.OUTCOME_DROPPED)
         report_dropped(state.names.function_name, state.site)
         for listener in listeners.active:

@@ -42,6 +42,10 @@ CONFIG = ("test_instrumentor.py", "test_arguments.py", "test_task_health.py")
 ARGS = ("test_arguments.py",)
 DIAG = ("test_diagnosis.py",)
 HEALTH = ("test_task_health.py", "test_spans.py", "test_correlation.py")
+RM = ("test_request_metrics.py",)
+TS = ("test_app_objects.py", "test_task_health.py")
+SE = ("test_sentry_dedupe.py",)
+ME = ("test_bounds.py",)
 
 MUTANTS = [
     # -- config.py: what the options accept
@@ -275,6 +279,65 @@ MUTANTS = [
         "return code",
         ("test_watch.py",),
     ),
+    # -- request_metrics.py, task_state.py, sentry.py's dedupe, metrics.py's overflow (issue 18's code). Left out
+    # as equivalent: add(+1) after remove() (no task wrapper is left to end the holder), a dead weak entry (its
+    # callback removes it before the id can be reused). Not killed yet (see the trial report): the freed-task
+    # callback skipping the close of a settled add_task(coroutine) task's coroutine released after its run,
+    # and close_if_unheld() closing a coroutine the app had started.
+    Mutant(
+        "rm/ended-passes-on",
+        "request_metrics.py",
+        "                if request[_ENDED] is not None:\n",
+        "                if False:\n",
+        RM,
+    ),
+    Mutant(
+        "rm/seconds-not-adjusted",
+        "request_metrics.py",
+        "max(amount - (default_timer() - request[_ENDED]), 0)",
+        "amount",
+        RM,
+    ),
+    Mutant("rm/ms-unscaled", "request_metrics.py", "request[_STARTED]) * self.scale)", "request[_STARTED]))", RM),
+    Mutant(
+        "rm/outer-not-ended",
+        "request_metrics.py",
+        "        request = request[_OUTER]\n\n\ndef _run_by",
+        "        request = None\n\n\ndef _run_by",
+        RM,
+    ),
+    Mutant("rm/equip-no-stack", "request_metrics.py", '("app", "middleware_stack")', '("app",)', RM),
+    Mutant("rm/no-base-http-middleware", "request_metrics.py", "(responses, base):", "(responses,):", RM),
+    Mutant(
+        "rm/inline-task-ends",
+        "request_metrics.py",
+        "if not _run_by_a_response(",
+        "if False and not _run_by_a_response(",
+        RM,
+    ),
+    Mutant(
+        "ts/close-held",
+        "task_state.py",
+        "_refs(coroutine) == _TASK_AND_CALLER",
+        "_refs(coroutine) >= _TASK_AND_CALLER",
+        TS,
+    ),
+    Mutant("ts/problem-dropped", "task_state.py", "self.settled and self.problem is None and", "self.settled and", TS),
+    Mutant(
+        "se/builtin-type-any", "sentry.py", "if seen is None or seen[0] is not type(error):", "if seen is None:", SE
+    ),
+    Mutant("se/builtin-path-any", "sentry.py", "return path[len(path) - len(seen[1]) :] == seen[1]", "return True", SE),
+    Mutant("se/wrapper-any-cause", "sentry.py", " and error.__cause__ in forwarded", "", SE),
+    Mutant("se/internal-error-dropped", "sentry.py", 'and record.funcName != "internal_error"', "", SE),
+    Mutant(
+        "se/builtin-unbounded", "sentry.py", "len(self._builtin) > self._MAX_BUILTIN", "len(self._builtin) > 10**9", SE
+    ),
+    Mutant("se/unraised-remembered", "sentry.py", "if not path:  # never raised", "if False:  # never raised", SE),
+    Mutant("me/series-off-by-one", "metrics.py", "if len(counts) < MAX_SERIES:", "if len(counts) <= MAX_SERIES:", ME),
+    Mutant("me/hist-off-by-one", "metrics.py", "if len(seen) >= MAX_SERIES:", "if len(seen) > MAX_SERIES:", ME),
+    Mutant("me/hist-admit-all", "metrics.py", "                return key in seen", "                return True", ME),
+    Mutant("me/outcome-overflow-attrs", "metrics.py", "if key == _OUTCOME_OVERFLOW:", "if False:", ME),
+    Mutant("me/one-hist-set", "metrics.py", "seen = self._seen[key[2] is None]", "seen = self._seen[True]", ME),
 ]
 
 

@@ -323,6 +323,54 @@ async def test_def_task_in_the_thread_pool(setups: Callable[[str, bool], Setup])
 
 
 @pytest.mark.parametrize("fixed", [True, False], ids=["otel_bgtasks", "without"])
+async def test_a_task_the_route_awaits_itself_ends_nothing(setups: Callable[[str, bool], Setup], fixed: bool) -> None:
+    """``await BackgroundTask(audit)()`` in the route runs before the response: the request stays active.
+
+    Its duration covers the route's own time after it (in whole milliseconds, the old conventions' unit),
+    and only the queued task, run by the response, is left out.
+    """
+    setup = setups("add_middleware by hand", fixed)
+    held = Held()
+    app = setup.app(held)
+    active_in_route: list[int] = []
+
+    async def audit() -> None:
+        pass
+
+    @app.get("/inline")
+    async def inline_route(background_tasks: BackgroundTasks) -> dict[str, str]:
+        await BackgroundTask(audit)()
+        await asyncio.sleep(ROUTE_SECONDS)
+        active_in_route.append(snapshot(setup.reader).active)
+        background_tasks.add_task(held.run)
+        return {"status": "ok"}
+
+    served = await serve_held(app, held, setup.reader, path="/inline")
+    assert active_in_route == [1]
+    point = only_duration(served.after)
+    assert point.seconds >= ROUTE_SECONDS - MS_ROUNDING
+    if fixed:
+        assert served.during.active == 0  # the queued task runs after the response: that one ends the request
+        assert point.seconds <= served.until_snapshot + MS_ROUNDING  # the held task's time left out
+    else:
+        assert_includes_task(served)
+
+
+ROUTE_SECONDS = 0.15
+
+
+async def test_middleware_in_a_stack_built_before_instrument(tracer_provider: TracerProvider) -> None:
+    """``instrument(app)`` reaches a contrib middleware the app's already built ``middleware_stack`` holds."""
+    held = Held()
+    reader = InMemoryMetricReader()
+    app = fastapi_app(held)
+    app.add_middleware(OpenTelemetryMiddleware, tracer_provider=tracer_provider, meter_provider=MeterProvider([reader]))
+    app.middleware_stack = app.build_middleware_stack()  # as Starlette does at the first request
+    otel_bgtasks.instrument(app, tracer_provider=tracer_provider)
+    assert_ends_with_response(await serve_held(app, held, reader))
+
+
+@pytest.mark.parametrize("fixed", [True, False], ids=["otel_bgtasks", "without"])
 async def test_streamed_response(setups: Callable[[str, bool], Setup], fixed: bool) -> None:
     setup = setups("instrument(starlette_app)", fixed)
     held = Held()
@@ -531,6 +579,23 @@ async def test_base_http_middleware(tracer_provider: TracerProvider, where: str)
     else:
         app.add_middleware(OpenTelemetryMiddleware, **contrib)
         app.add_middleware(BaseHTTPMiddleware, dispatch=passing_through)
+    otel_bgtasks.instrument(tracer_provider=tracer_provider)
+    assert_ends_with_response(await serve_held(app, held, reader))
+
+
+async def test_background_set_by_a_base_http_middleware(tracer_provider: TracerProvider) -> None:
+    """A middleware sets ``background`` on ``call_next``'s response: its task also runs after the response."""
+    reader = InMemoryMetricReader()
+    held = Held()
+    app = fastapi_app()  # the route queues nothing
+
+    async def add_task(request: Request, call_next: Any) -> Response:
+        response = await call_next(request)
+        response.background = BackgroundTask(held.run)
+        return response
+
+    app.add_middleware(BaseHTTPMiddleware, dispatch=add_task)
+    app.add_middleware(OpenTelemetryMiddleware, tracer_provider=tracer_provider, meter_provider=MeterProvider([reader]))
     otel_bgtasks.instrument(tracer_provider=tracer_provider)
     assert_ends_with_response(await serve_held(app, held, reader))
 

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import sentry_sdk
 from _servers import serving
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask, BackgroundTasks
 from starlette.requests import Request
@@ -264,6 +264,49 @@ def test_forwarded_set_holds_no_exception() -> None:
         forwarded.add(one)
     assert len(forwarded) == 256  # only the last ones: a freed one's id may come back
     assert kept[-1] in forwarded and kept[0] not in forwarded
+
+
+def test_a_freed_builtin_exceptions_address_taken_by_another_is_no_duplicate() -> None:
+    """A builtin exception is known by its id, type and traceback: another at the same address is reported.
+
+    CPython reuses a freed object's address at once; the entry is moved by hand to where the new one lives.
+    """
+    forwarded = sentry.ForwardedExceptions()
+    first = raise_key_error("a")
+    forwarded.add(first)
+    entries = forwarded._builtin  # pyright: ignore[reportPrivateUsage]
+    other = raise_key_error("a")  # same type, raised by the same line, with a traceback of its own
+    entries[id(other)] = entries.pop(id(first))
+    assert other not in forwarded
+    # Its own traceback, but of another type: not the one forwarded either.
+    entries[id(other)] = (ValueError, sentry._path(other.__traceback__))  # pyright: ignore[reportPrivateUsage]
+    assert other not in forwarded
+    entries[id(other)] = (KeyError, sentry._path(other.__traceback__))  # pyright: ignore[reportPrivateUsage]
+    assert other in forwarded  # the same entry with its type: what the two checks above hold apart
+
+
+class ProcessorBroken(Exception):
+    pass
+
+
+class BrokenProcessor(SpanProcessor):
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        if span.name.startswith("BackgroundTask"):
+            raise ProcessorBroken("a span processor that fails")
+
+
+def test_an_internal_error_still_reaches_sentry(receiver: EnvelopeReceiver) -> None:
+    """otel_bgtasks' own failure is an event while task failures are forwarded (and the task runs as it would)."""
+    ran: list[str] = []
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(BrokenProcessor())
+    app = starlette_app(lambda tasks: tasks.add_task(ran.append, "ran"))
+    events = events_of(receiver, app, tracer_provider, instrumented=True, framework_integrations=False)
+    assert ran == ["ran"]
+    (event,) = events
+    assert event["logger"] == "otel_bgtasks"
+    assert event["logentry"]["message"].startswith("otel_bgtasks failed internally")
+    assert exception_types(event) == ["ProcessorBroken"]
 
 
 def test_skipped_breadcrumbs_are_bounded(receiver: EnvelopeReceiver, tracer_provider: TracerProvider) -> None:

@@ -438,17 +438,37 @@ async def test_dropped_tasks_are_counted_and_logged(
     with caplog.at_level(logging.WARNING, logger="otel_bgtasks"):
         tasks = BackgroundTasks()
         tasks.add_task(ok)  # created here and never attached to a response
+        tasks.add_task(never)
         del tasks
         gc.collect()
 
-    message = next(r.getMessage() for r in caplog.records if "was never run" in r.getMessage())
-    assert f"{__name__}.ok" in message
-    assert "test_task_health.py:" in message
+    messages = [r.getMessage() for r in caplog.records if "was never run" in r.getMessage()]
+    assert len(messages) == 2 and any(f"{__name__}.ok was never run" in message for message in messages)
+    assert all("test_task_health.py:" in message for message in messages)
     outcomes = {
-        dict(key)["background_task.outcome"]: point.value
+        (
+            dict(key)["code.function.name"],
+            dict(key)["background_task.execution"],
+            dict(key)["background_task.outcome"],
+        ): (point.value)
         for key, point in points(metrics_by_name(reader)["background_task.outcomes"]).items()
     }
-    assert outcomes == {"dropped": 1}
+    # Each under the execution Starlette chose for it at creation (an async def is not a thread-pool task).
+    assert outcomes == {(f"{__name__}.ok", "threadpool", "dropped"): 1, (f"{__name__}.never", "async", "dropped"): 1}
+
+
+async def test_a_task_that_can_never_run_is_told_once_not_also_dropped(
+    instrument: Any, reader: InMemoryMetricReader, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``add_task(non_callable)`` is an ERROR at the call; freed unrun, no "never run" WARNING and no dropped count."""
+    instrument()
+    with caplog.at_level(logging.WARNING, logger="otel_bgtasks"):
+        tasks = BackgroundTasks()
+        tasks.add_task({"not": "callable"})  # type: ignore[arg-type]
+        del tasks
+        gc.collect()
+    assert [r.levelname for r in caplog.records if r.name == "otel_bgtasks"] == ["ERROR"]
+    assert reader.get_metrics_data() is None  # nothing counted: no dropped task (and no other point)
 
 
 async def test_tasks_that_ran_or_were_skipped_are_not_dropped(
