@@ -22,10 +22,10 @@ from wrapt import wrap_function_wrapper
 
 from otel_bgtasks.guard import capture_internal_exceptions, internal_error
 from otel_bgtasks.request_spans import withdraw_request_spans
-from otel_bgtasks.wrappers import TaskWrappers
+from otel_bgtasks.wrappers import CONTRIB_FASTAPI, TaskWrappers
 
 MARKER: Final = "_otel_original_call"
-CONTRIB: Final = "opentelemetry.instrumentation.fastapi"
+CONTRIB: Final = CONTRIB_FASTAPI
 
 
 def contrib_original_call() -> Any:

@@ -70,6 +70,8 @@ _logger = logging.getLogger("otel_bgtasks")
 _guard = capture_internal_exceptions()
 
 _BackgroundTask = _background.BackgroundTask
+# opentelemetry-instrumentation-fastapi's module: its BackgroundTask.__call__ is bypassed (contrib_fastapi.py).
+CONTRIB_FASTAPI: Final = "opentelemetry.instrumentation.fastapi"
 _BackgroundTasks = _background.BackgroundTasks
 
 # A sync task's thread-pool timings, carried in the OpenTelemetry context we attach anyway, for the
@@ -199,11 +201,12 @@ class TaskWrappers:
         """
         self._installed_call = installed
         inner = getattr(installed, "__wrapped__", None)
-        # Starlette's function itself: another library's wrapt proxy would answer to its names too.
-        self._wraps_starlette = self.bypass_call is not None or (
-            type(inner) is types.FunctionType
-            and inner.__globals__ is _background.__dict__
-            and inner.__qualname__ == "BackgroundTask.__call__"
+        # Starlette's function itself, or contrib's bare-span function right over it (the bypass): another
+        # library's wrapt proxy would answer to their names too, and must run (a wrapper between contrib's
+        # patch and ours is one the app installed).
+        self._wraps_starlette = type(inner) is types.FunctionType and (
+            (inner.__globals__ is _background.__dict__ and inner.__qualname__ == "BackgroundTask.__call__")
+            or (self.bypass_call is not None and inner.__module__ == CONTRIB_FASTAPI)
         )
 
     def _runs_directly(self) -> bool:

@@ -273,7 +273,7 @@ async def test_argument_whose_rendering_fails_keeps_the_span(
 # -- Another library's wrapper around BackgroundTask.__call__ -----------------------------------------
 
 
-@pytest.mark.parametrize("order", ["theirs_first", "ours_first"])
+@pytest.mark.parametrize("order", ["theirs_first", "ours_first", "theirs_over_contrib"])
 async def test_another_librarys_call_wrapper_still_runs_once_per_task(
     tracer_provider: TracerProvider, exporter: InMemorySpanExporter, order: str
 ) -> None:
@@ -299,8 +299,16 @@ async def test_another_librarys_call_wrapper_still_runs_once_per_task(
         pass
 
     original = vars(BackgroundTask)["__call__"]
+    marker = vars(BackgroundTask).get("_otel_original_call")
+    contrib_app = FastAPI()
     try:
-        if order == "theirs_first":
+        if order == "theirs_over_contrib":
+            # opentelemetry-instrumentation-fastapi patched __call__ first (once per process), then another
+            # library wrapped its patch: ours bypasses contrib's bare span, never the library between.
+            from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+            FastAPIInstrumentor.instrument_app(contrib_app)
+        if order in ("theirs_first", "theirs_over_contrib"):
             wrapt.wrap_function_wrapper(BackgroundTask, "__call__", theirs)
         app = otel_bgtasks.instrument(app_queueing(queue), tracer_provider=tracer_provider)
         if order == "ours_first":
@@ -309,7 +317,15 @@ async def test_another_librarys_call_wrapper_still_runs_once_per_task(
             assert (await get(app)).json() == {"ok": True}
     finally:
         otel_bgtasks.uninstrument()
+        if order == "theirs_over_contrib":
+            from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+            FastAPIInstrumentor.uninstrument_app(contrib_app)
         BackgroundTask.__call__ = original  # type: ignore[method-assign]
+        if marker is not None:  # contrib's patch of an earlier test, as it was
+            BackgroundTask._otel_original_call = marker  # type: ignore[attr-defined]
+        elif "_otel_original_call" in vars(BackgroundTask):
+            delattr(BackgroundTask, "_otel_original_call")
 
     assert seen == ["send_receipt", "resize_avatar"]
     spans = by_function(task_spans(exporter))
