@@ -238,21 +238,24 @@ HTTP_SCOPE: dict[str, Any] = {
 }
 
 
-def asgi_requests(providers: Providers, tasks: int) -> Runner:
+def asgi_requests(providers: Providers, tasks: int, probe: Callable[[], Any] | None = None) -> Runner:
     """n requests through contrib's ``OpenTelemetryMiddleware`` to an app that answers, then runs ``tasks`` tasks.
 
-    The app does what a Starlette response with ``background=`` does: the response, then the tasks. The
-    middleware is made after ``instrument()``, as an app's is when it starts serving.
+    The app answers with a Starlette ``Response`` whose ``background=`` holds the tasks: the response, then
+    the tasks, and only a task a Starlette response runs ends the request's metrics (request_metrics
+    looks for the response's ``__call__`` among the task's callers). ``probe``, a last task, for the check.
+    The middleware is made after ``instrument()``, as an app's is when it starts serving.
     """
     from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+    from starlette.responses import Response
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         background = BackgroundTasks()
         for _ in range(tasks):
             background.add_task(noop_async)
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
-        await send({"type": "http.response.body", "body": b"ok"})
-        await background()
+        if probe is not None:
+            background.add_task(probe)
+        await Response(b"ok", background=background)(scope, receive, send)
 
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": b"", "more_body": False}
@@ -272,7 +275,9 @@ def asgi_requests(providers: Providers, tasks: int) -> Runner:
     return run
 
 
-def asgi_request(end_at_response: bool, tasks: int = 0, contrib_sdk: bool = False) -> Install:
+def asgi_request(
+    end_at_response: bool, tasks: int = 0, contrib_sdk: bool = False, probe: Callable[[], Any] | None = None
+) -> Install:
     """otel_bgtasks defaults, ``request_metrics_end_at_response`` as given; requests through contrib's middleware.
 
     Contrib's middleware gets the API's no-op tracer and meter unless ``contrib_sdk``: the feature's own
@@ -289,7 +294,7 @@ def asgi_request(end_at_response: bool, tasks: int = 0, contrib_sdk: bool = Fals
             request_metrics_end_at_response=end_at_response,
         )
         contrib = providers if contrib_sdk else Providers(NoOpTracerProvider(), NoOpMeterProvider(), providers.reader)
-        return asgi_requests(contrib, tasks), otel_bgtasks.uninstrument
+        return asgi_requests(contrib, tasks, probe), otel_bgtasks.uninstrument
 
     return install
 
@@ -441,6 +446,19 @@ def check(name: str) -> list[ReadableSpan]:
     return tasks
 
 
+def active_requests(reader: InMemoryMetricReader) -> float:
+    """Contrib's http.server.active_requests, summed over its points, as the reader collects it now."""
+    data = reader.get_metrics_data()
+    return sum(
+        point.value  # pyright: ignore[reportAttributeAccessIssue]
+        for resource in (data.resource_metrics if data else ())
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == "http.server.active_requests"
+        for point in metric.data.data_points
+    )
+
+
 def check_request(name: str) -> None:
     """A request arm: contrib recorded one duration and the active count is back to 0, each task has its span,
     and the middleware's instruments are otel_bgtasks' proxies exactly when the option is on."""
@@ -450,8 +468,14 @@ def check_request(name: str) -> None:
     run, remove = arm.install(providers)
     remove()
     on = arm.baseline is not None
+    # While a last task runs, the request is off the active count when the option is on, and still on it off.
+    active_during: list[float] = []
+
+    def probe() -> None:
+        active_during.append(active_requests(providers.reader))
+
     # The same request, contrib's middleware on the SDK: what it recorded is what is checked.
-    run, remove = asgi_request(on, arm.task_spans, contrib_sdk=True)(providers)
+    run, remove = asgi_request(on, arm.task_spans, contrib_sdk=True, probe=probe if arm.task_spans else None)(providers)
     try:
         asyncio.run(run(1))
         counter = type(run.middleware.active_requests_counter)  # type: ignore[attr-defined]
@@ -462,8 +486,11 @@ def check_request(name: str) -> None:
     if proxied != on:
         problems.append(f"the active-requests counter is a {counter.__qualname__}")
     tasks = [span for span in exporter.get_finished_spans() if semconv.CODE_FUNCTION_NAME in (span.attributes or {})]
-    if len(tasks) != arm.task_spans:
-        problems.append(f"expected {arm.task_spans} task spans, got {len(tasks)}")
+    expected = arm.task_spans + (1 if arm.task_spans else 0)  # the probe's span too
+    if len(tasks) != expected:
+        problems.append(f"expected {expected} task spans, got {len(tasks)}")
+    if arm.task_spans and active_during != [0 if on else 1]:
+        problems.append(f"active requests while the last task ran: {active_during}, expected {[0 if on else 1]}")
     durations = active = 0
     data = providers.reader.get_metrics_data()
     for resource in data.resource_metrics if data else ():
