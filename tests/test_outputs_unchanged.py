@@ -28,6 +28,7 @@ import _golden_tasks as tasks
 import httpx
 import pytest
 from _outputs import log_records, metric_points, spans
+from conftest import starlettes_refusal
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
@@ -37,6 +38,8 @@ import otel_bgtasks
 
 GOLDEN = Path(__file__).parent / "golden" / "outputs.json"
 REGENERATE = os.environ.get("OTEL_BGTASKS_REGENERATE_GOLDEN") == "1"
+# Starlette's TypeError for add_task(coroutine) as the recorded (newest) Starlette words it: starlettes_refusal()
+RECORDED_REFUSAL = "the first argument must be callable"
 UNSAMPLED_PARENT = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"}
 
 
@@ -127,7 +130,11 @@ async def test_outputs_unchanged(
         GOLDEN.write_text(json.dumps({**recorded, name: outputs}, indent=1, sort_keys=True) + "\n")
         return
     assert name in golden(), f"no recorded outputs for {name!r}: regenerate {GOLDEN.name} (see this module's docstring)"
-    assert flat(outputs) == flat(golden()[name])
+    expected = golden()[name]
+    refusal = starlettes_refusal("coroutine")
+    if refusal != RECORDED_REFUSAL:  # the same TypeError, in the words of an older Starlette (cause_add_task_misuse)
+        expected = json.loads(json.dumps(expected).replace(RECORDED_REFUSAL, refusal))
+    assert flat(outputs) == flat(expected)
 
 
 def test_every_recorded_scenario_still_runs() -> None:
