@@ -7,16 +7,19 @@ before the test asserts anything.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import re
 import socket
 import threading
+import types
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
 from urllib.parse import urlsplit
 
 import uvicorn
+from starlette.applications import Starlette
 
 WAIT_SECONDS = 20
 
@@ -58,6 +61,8 @@ def serving(app: Any, **config: Any) -> Iterator[Serving]:
     has finished (or was cancelled at the graceful-shutdown deadline) once the context exits.
     """
     options: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "log_level": "warning", "ws": "none", "lifespan": "on"}
+    if taken_for_a_factory(app):  # what users of sentry-sdk 2.0.0 must do: give uvicorn a function
+        app = _as_function(app)
     server = _Server(uvicorn.Config(app, **{**options, **config}))
 
     def run() -> None:
@@ -77,6 +82,32 @@ def serving(app: Any, **config: Any) -> Iterator[Serving]:
         yield handle
     finally:
         handle.stop()  # a no-op when the test stopped it already
+
+
+def taken_for_a_factory(app: Any) -> bool:
+    """Whether uvicorn takes ``app``, a plain Starlette app, for a factory: sentry-sdk 2.0.0's own defect.
+
+    Its Starlette integration replaces ``Starlette.__call__`` with a function of ``*args, **kwargs``
+    (getsentry/sentry-python#3021, fixed in 2.0.1). uvicorn's factory detection calls the app with no
+    arguments and expects a ``TypeError``; it gets a coroutine, serves that, and answers every request 500,
+    with or without otel_bgtasks (tests/test_sentry_dedupe.py shows both), for the rest of the process:
+    Sentry patches once. FastAPI's own ``__call__`` is untouched.
+    """
+    if not isinstance(app, Starlette):
+        return False
+    code = getattr(type(app).__call__, "__code__", None)
+    return (
+        isinstance(code, types.CodeType)
+        and bool(code.co_flags & inspect.CO_VARARGS)
+        and "sentry_sdk" in code.co_filename
+    )
+
+
+def _as_function(app: Any) -> Any:
+    async def asgi(scope: Any, receive: Any, send: Any) -> None:
+        await app(scope, receive, send)
+
+    return asgi
 
 
 def closed_port() -> int:

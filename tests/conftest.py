@@ -156,13 +156,7 @@ def assert_originals_restored() -> None:
 # at the end of the fourth session, found by its last CI run with no time left to triage: add_task(coroutine)
 # there (Starlette 0.27 keeps the coroutine past the request), Sentry 2.0's dedupe, one alert under the real
 # stack. Skipped there, said so, and listed in the closing note as the next session's first job.
-_UNTRIAGED_ON_OLDEST = (
-    "test_real_stack.py::test_alert_rules_load_healthy_and_fire_for_skipped_and_blocking_tasks",
-    "test_sentry_dedupe.py::test_coroutine_object_task_is_one_event",
-    "test_sentry_dedupe.py::test_forwarded_set_holds_no_exception",
-    "test_sentry_dedupe.py::test_an_internal_error_still_reaches_sentry",
-    "test_task_health.py::test_coroutine_object_is_reported_at_the_call",
-)
+_UNTRIAGED_ON_OLDEST = ("test_real_stack.py::test_alert_rules_load_healthy_and_fire_for_skipped_and_blocking_tasks",)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import sentry_sdk
-from _servers import serving
+from _servers import serving, taken_for_a_factory
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask, BackgroundTasks
@@ -123,6 +123,36 @@ def test_coroutine_object_task_is_one_event(
     assert event["exception"]["values"][-1]["mechanism"]["type"] == "otel_bgtasks"
     assert event["tags"]["background_task"] == "notify_followers"
     assert event["tags"]["background_task.diagnosis"] == "add_task_misuse"
+
+
+def test_uvicorn_detects_the_same_app_with_sentrys_starlette_integration(
+    receiver: EnvelopeReceiver, tracer_provider: TracerProvider
+) -> None:
+    """What uvicorn's factory detection gets (the app called with no arguments) is the same with otel_bgtasks.
+
+    With sentry-sdk 2.0.0's Starlette integration it is not the ``TypeError`` uvicorn expects but a coroutine
+    (getsentry/sentry-python#3021, fixed in 2.0.1): uvicorn takes the app for a factory and answers every
+    request 500, in both arms. Sentry's defect, not ours: tests/_servers.py gives uvicorn a function there, as
+    that release's users must, so that the other tests here see what Sentry and otel_bgtasks send.
+    """
+    app = starlette_app(lambda tasks: tasks.add_task(charge, "4000000000000002"))
+
+    def detected(instrumented: bool) -> str:
+        init_sentry(receiver.dsn, framework_integrations=True)
+        if instrumented:
+            otel_bgtasks.instrument(tracer_provider=tracer_provider)
+        try:
+            returned = app()  # type: ignore[call-arg]
+        except TypeError:
+            return "TypeError"
+        finally:
+            otel_bgtasks.uninstrument()
+        returned.close()
+        return type(returned).__name__
+
+    bare = detected(instrumented=False)
+    assert detected(instrumented=True) == bare == ("coroutine" if taken_for_a_factory(app) else "TypeError")
+    assert taken_for_a_factory(app) == (sentry_sdk.VERSION == "2.0.0")
 
 
 class Translating:
