@@ -150,21 +150,3 @@ def assert_originals_restored() -> None:
     assert not any(isinstance(value, wrapt.ObjectProxy) for value in state.values())
     assert starlette_background.run_in_threadpool is starlette_concurrency.run_in_threadpool
     assert not hasattr(starlette_background.BackgroundTask, PEER_MARKER)
-
-
-# Failing on the oldest supported stack (Starlette 0.27, sentry-sdk 2.0, SDK 1.25: .ci/constraints-oldest.txt)
-# at the end of the fourth session, found by its last CI run with no time left to triage: add_task(coroutine)
-# there (Starlette 0.27 keeps the coroutine past the request), Sentry 2.0's dedupe, one alert under the real
-# stack. Skipped there, said so, and listed in the closing note as the next session's first job.
-_UNTRIAGED_ON_OLDEST = ("test_real_stack.py::test_alert_rules_load_healthy_and_fire_for_skipped_and_blocking_tasks",)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    import starlette
-
-    if tuple(int(part) for part in starlette.__version__.split(".")[:2]) >= (0, 28):
-        return
-    skip = pytest.mark.skip(reason="untriaged on the oldest supported stack (tests/conftest.py)")
-    for item in items:
-        if any(untriaged in item.nodeid for untriaged in _UNTRIAGED_ON_OLDEST):
-            item.add_marker(skip)

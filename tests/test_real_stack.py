@@ -688,6 +688,20 @@ def test_alert_rules_load_healthy_and_fire_for_skipped_and_blocking_tasks(stack:
             # All of charge_card's tasks failed: pending, and firing after the rule's 10 minutes.
             ("BackgroundTaskFailing", f"{DEMO}.charge_card"): "pending",
         }
+        if not _BUCKET_ADVICE:
+            # An SDK older than 1.30 takes no bucket advice, and this app (opentelemetry-instrument) registers
+            # no View: every wait for a worker thread falls in the default first bucket (0, 5], whose p95
+            # histogram_quantile() reads 4.75 s, over the rule's 1 s, for each def task that ran: README
+            # (Metrics, Alerts) says so and gives the View.
+            wanted.update(
+                dict.fromkeys(
+                    (
+                        ("BackgroundTaskThreadPoolSaturated", f"{DEMO}.{name}")
+                        for name in ("charge_card", "send_welcome_email")
+                    ),
+                    "pending",
+                )
+            )
         seen.append(states)
         return states if states == wanted else None
 
