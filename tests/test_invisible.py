@@ -131,7 +131,7 @@ KNOWN_KINDS: dict[str, str] = {}
 KNOWN_LAYERS: dict[str, str] = {}
 # ... with Sentry on.
 KNOWN_LAYERS_WITH_SENTRY: dict[str, str] = {}
-KNOWN_FAILING_KINDS_WITH_SENTRY: dict[str, str] = {"nested": "new: a nested BackgroundTasks' failure, two events"}
+KNOWN_FAILING_KINDS_WITH_SENTRY: dict[str, str] = {}
 # Attributes otel_bgtasks leaves on the app's exceptions today (issue 18 §6, test_forwarded_mark_...): left out
 # of the generated comparisons, which would otherwise all fail with Sentry on and a failing task.
 KNOWN_EXCEPTION_ATTRIBUTES: dict[str, str] = {}
@@ -178,8 +178,7 @@ def scenarios(draw: st.DrawFn, sentry: bool = False) -> Scenario:
         route_sync=route_sync,
         delivery=delivery,
         stack=tuple(draw(st.lists(st.sampled_from(layers), max_size=3))),
-        # Sentry and a handler for the task's error: one more event (test_one_sentry_event_for_a_handled_...)
-        handler=draw(st.booleans()) and not sentry,
+        handler=draw(st.booleans()),
         # a raw entry in tasks.tasks: issue 18 §6 (test_raw_entry_...); after a failure, also no skipped record
         raw_append=draw(st.booleans()) and "raw_append" not in KNOWN_KINDS,
     )
@@ -541,7 +540,6 @@ def test_one_sentry_event_for_add_task_of_a_coroutine(receiver: SentryReceiver) 
     assert len(after.sentry) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="new (issue 18 §7 harness): a nested BackgroundTasks' failure, two events")
 def test_one_sentry_event_for_a_failure_in_a_nested_background_tasks(receiver: SentryReceiver) -> None:
     compare(one(Unit("t0", "nested", fail="raise")), Options(), receiver)
 
@@ -821,10 +819,6 @@ def test_plugin_blames_only_the_owning_test(pytester: pytest.Pytester) -> None:
     result.assert_outcomes(passed=2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="new (issue 18 §7 harness): 'Caught handled exception' reaches Sentry as a second event (main at 88a876b)",
-)
 def test_one_sentry_event_for_a_handled_task_failure(receiver: SentryReceiver) -> None:
     compare(one(Unit("t0", "sync", fail="raise"), handler=True, stack=("base_http",)), Options(), receiver)
 
