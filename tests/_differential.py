@@ -889,9 +889,17 @@ def documented_sentry(events: list[Any]) -> list[Any]:
     return kept
 
 
+# What a task fails with here: its own error, a timeout, or Starlette's TypeError for add_task(coro()) / (None).
+_TASK_FAILURES = (
+    f"{TaskFailed.__module__}.TaskFailed: ",
+    ".TimeoutError",
+    ".TypeError: the first argument must be callable",
+)
+
+
 def _is_task_failure(event: Any) -> bool:
     kind, values = event
-    return kind == "exception" and values[0].startswith((f"{TaskFailed.__module__}.TaskFailed: ", ".TimeoutError"))
+    return kind == "exception" and values[0].startswith(_TASK_FAILURES)
 
 
 def documented_timeout_chain(chain: Any) -> Any:

@@ -540,6 +540,14 @@ def test_one_sentry_event_for_add_task_of_a_coroutine(receiver: SentryReceiver) 
     assert len(after.sentry) == 1
 
 
+def test_one_sentry_event_for_add_task_misuse_behind_base_http(receiver: SentryReceiver) -> None:
+    """Uninstrumented, sentry-sdk reports Starlette's TypeError twice there (its ASGI capture runs in the
+    middleware's task, hidden from its DedupeIntegration, then uvicorn's log line); instrumented, once."""
+    reference, after = compare(one(Unit("t0", "coroutine"), stack=("base_http",)), Options(), receiver)
+    assert len(reference.sentry) == 2
+    assert len(after.sentry) == 1
+
+
 def test_one_sentry_event_for_a_failure_in_a_nested_background_tasks(receiver: SentryReceiver) -> None:
     compare(one(Unit("t0", "nested", fail="raise")), Options(), receiver)
 
