@@ -906,13 +906,20 @@ def documented_timeout_chain(chain: Any) -> Any:
     """An exception chain without the ``CancelledError`` a timeout's ``TimeoutError`` carries as context.
 
     ``task_options(timeout=...)`` cancels the task and raises ``TimeoutError`` (README, Options); like
-    ``asyncio.timeout`` and anyio's ``fail_after`` its context is the cancellation it made.
+    ``asyncio.timeout`` and anyio's ``fail_after`` its context is the cancellation it made. Wherever the
+    ``TimeoutError`` sits in the chain: an outer middleware may translate it into the app's own error.
     """
-    if not isinstance(chain, list) or len(chain) < 2 or chain[0][0] != "builtins.TimeoutError":
+    if not isinstance(chain, list):
         return chain
-    if chain[1][0] == "asyncio.exceptions.CancelledError":
-        return [chain[0], *chain[2:]]
-    return chain
+    return [
+        link
+        for index, link in enumerate(chain)
+        if not (
+            index > 0
+            and link[0] == "asyncio.exceptions.CancelledError"
+            and chain[index - 1][0] == "builtins.TimeoutError"
+        )
+    ]
 
 
 def sentry_for_continue(reference: Observed, scenario: Scenario) -> list[Any]:

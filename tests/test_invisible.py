@@ -548,6 +548,11 @@ def test_one_sentry_event_for_add_task_misuse_behind_base_http(receiver: SentryR
     assert len(after.sentry) == 1
 
 
+def test_timeout_translated_by_a_middleware() -> None:
+    """The cancellation a timeout's TimeoutError carries as context, also deeper in the chain (README, Options)."""
+    compare(one(Unit("t0", "slow"), stack=("translating",)), Options())
+
+
 def test_one_sentry_event_for_a_failure_in_a_nested_background_tasks(receiver: SentryReceiver) -> None:
     compare(one(Unit("t0", "nested", fail="raise")), Options(), receiver)
 
