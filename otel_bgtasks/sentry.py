@@ -289,7 +289,13 @@ def _is_duplicate(event: dict[str, Any], hint: dict[str, Any]) -> bool:
         return True
     # Any other exception whose chain holds ours is the app's own (a middleware translating it, a failing
     # cleanup): it is reported. Only Starlette's own wrapper of ours is about nothing else.
-    return _starlette_wrapper_of_forwarded(error)
+    if not _starlette_wrapper_of_forwarded(error):
+        return False
+    # Known by itself from now on: on its way out its links to ours may go. sentry-sdk's ASGI middleware
+    # captures it (here, first) and re-raises it ``from None``; anyio 3's task groups (BaseHTTPMiddleware's
+    # on Starlette 0.27) clear ``__context__``. A server's log record of it may come with neither.
+    forwarded.add(error)
+    return True
 
 
 def _starlette_wrapper_of_forwarded(error: BaseException) -> bool:
@@ -297,9 +303,8 @@ def _starlette_wrapper_of_forwarded(error: BaseException) -> bool:
 
     Starlette raises it ``from`` the exception a handler was found for. sentry-sdk's ASGI middleware
     (2.0 and later) re-raises what it captured ``from None``, which erases that cause but not the context
-    the ``raise`` inside Starlette's ``except`` set: a server's log record of it comes with the context
-    only. Known by its type, message and raise site, so the app's own error (even with that message)
-    chained to ours is reported, as uninstrumented.
+    the ``raise`` inside Starlette's ``except`` set. Known by its type, message and raise site, so the
+    app's own error (even with that message) chained to ours is reported, as uninstrumented.
     """
     if type(error) is not RuntimeError or error.args != (_STARLETTE_WRAPPER,) or not _raised_by_starlette(error):
         return False

@@ -889,11 +889,14 @@ def documented_sentry(events: list[Any]) -> list[Any]:
     return kept
 
 
-# What a task fails with here: its own error, a timeout, or Starlette's TypeError for add_task(coro()) / (None).
+# What a task fails with here: its own error, a timeout, or Starlette's TypeError for add_task(coro()) / (None)
+# (Starlette 0.27 calls what it was given: "'coroutine' object is not callable").
 _TASK_FAILURES = (
     f"{TaskFailed.__module__}.TaskFailed: ",
     ".TimeoutError",
     ".TypeError: the first argument must be callable",
+    ".TypeError: 'coroutine' object is not callable",
+    ".TypeError: 'NoneType' object is not callable",
 )
 
 

@@ -115,8 +115,8 @@ def _collect_held_coroutines() -> Iterator[None]:
     yield
     import sentry_sdk
 
-    sentry_sdk.get_isolation_scope().clear()
-    sentry_sdk.get_current_scope().clear()
+    sentry_sdk.Scope.get_isolation_scope().clear()  # module-level shortcuts: sentry-sdk >= 2.2
+    sentry_sdk.Scope.get_current_scope().clear()
     hook = sys.unraisablehook
     sys.unraisablehook = lambda unraisable: None
     try:
