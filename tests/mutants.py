@@ -73,21 +73,15 @@ MUTANTS = [
     Mutant("args/cut-off-by-one", "arguments.py", 'text[: self._limit - 1] + "…"', 'text[: self._limit] + "…"', ARGS),
     Mutant("args/pair-heuristic", "arguments.py", "if len(sequence) == 2 and", "if len(sequence) == 3 and", ARGS),
     Mutant("args/dash-not-underscore", "arguments.py", '.replace("-", "_")', "", ARGS),
+    Mutant("args/positional-not-redacted", "arguments.py", "REDACTED if self.is_secret(name) else ", "", ARGS),
+    Mutant("args/unnamed-shown", "arguments.py", "_unnamed(value) if name is None else ", "", ARGS),
+    Mutant("args/star-named", "arguments.py", "names[i] if i < cut else None", "names[min(i, cut - 1)]", ARGS),
+    Mutant("args/method-self", "arguments.py", "return None if inner is None else inner[1:]", "return inner", ARGS),
     Mutant(
-        "args/positional-not-redacted",
-        "arguments.py",
-        "REDACTED if name is not None and self.is_secret(name) else",
-        "",
-        ARGS,
+        "args/partial-keywords", "arguments.py", "if name in keywords), len(names))", "if False), len(names))", ARGS
     ),
-    Mutant("args/method-self", "arguments.py", "return inner[0][1:], inner[1]", "return inner[0], inner[1]", ARGS),
-    Mutant(
-        "args/partial-keywords",
-        "arguments.py",
-        "if name in partial.keywords), len(names))",
-        "if False), len(names))",
-        ARGS,
-    ),
+    Mutant("args/partial-args-dropped", "arguments.py", "(*partial.args, *args)", "args", ARGS),
+    Mutant("naming/no-forwarding", "naming.py", "if type(func) is not FunctionType:", "if True:", ("test_naming.py",)),
     Mutant(
         "args/field-repr-ignored",
         "arguments.py",
