@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import CodeType, FrameType, FunctionType, MethodType, ModuleType
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from opentelemetry.util.types import AttributeValue
 
@@ -139,6 +139,7 @@ def _innermost(func: object) -> object:
 
 # The code flags of a wrapper that takes (*args, **kwargs) and nothing else.
 _FORWARDING: Final = inspect.CO_VARARGS | inspect.CO_VARKEYWORDS
+_FUNCTIONS: Final[tuple[type[object], ...]] = (FunctionType, MethodType, functools.partial)
 _MAX_FORWARDS: Final = 8  # decorators stacked; also ends a cycle of wrappers closing over each other
 
 
@@ -146,23 +147,24 @@ def _forwarded_to(func: object) -> object | None:
     """The callable a decorator's wrapper written without ``functools.wraps`` forwards to, if it is one.
 
     ``def wrapper(*args, **kwargs): return func(*args, **kwargs)``: a Python function that takes nothing
-    but ``*args`` and ``**kwargs`` and closes over exactly one callable. Every function that decorator wraps
-    runs ``wrapper``, so its name would be the same for all; the one it closes over is the user's.
+    but ``*args`` and ``**kwargs`` and closes over exactly one function (plain, bound or partial). Every
+    function that decorator wraps runs ``wrapper``, so its name would be the same for all; the one it closes
+    over is the user's. A callable object it closes over (a session factory) is something it uses, not it.
     """
     if type(func) is not FunctionType:
         return None
     code = func.__code__
     if code.co_flags & _FORWARDING != _FORWARDING or code.co_argcount or code.co_kwonlyargcount:
         return None
-    callables: list[object] = []
+    found: list[object] = []
     for cell in func.__closure__ or ():
         try:
-            value = cell.cell_contents
+            value: object = cell.cell_contents
         except ValueError:  # a cell not yet filled
             continue
-        if callable(value) and not _is_mock(value):
-            callables.append(value)
-    return _target(callables[0]) if len(callables) == 1 and callables[0] is not func else None
+        if isinstance(value, _FUNCTIONS):  # not an object it calls (a session factory)
+            found.append(cast(object, value))
+    return _target(found[0]) if len(found) == 1 and found[0] is not func else None
 
 
 def _code_of(func: object) -> CodeType | None:

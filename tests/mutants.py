@@ -83,6 +83,13 @@ MUTANTS = [
     Mutant("args/partial-args-dropped", "arguments.py", "(*partial.args, *args)", "args", ARGS),
     Mutant("naming/no-forwarding", "naming.py", "if type(func) is not FunctionType:", "if True:", ("test_naming.py",)),
     Mutant(
+        "naming/forwards-to-objects",
+        "naming.py",
+        "if isinstance(value, _FUNCTIONS):",
+        "if callable(value):",
+        ("test_naming.py",),
+    ),
+    Mutant(
         "args/field-repr-ignored",
         "arguments.py",
         "for f in dataclasses.fields(cast(Any, owner)) if f.repr)",

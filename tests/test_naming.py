@@ -109,6 +109,26 @@ def cached_lookup(key: str) -> str:
     return key.upper()
 
 
+class SessionFactory:
+    def __call__(self) -> None:
+        pass
+
+
+def run_with(factory: Callable[[], None]) -> Callable[..., None]:
+    def run(*args: Any, **kwargs: Any) -> None:  # a wrapper's shape, but it closes over an object it calls
+        factory()
+
+    return run
+
+
+class Notifier:
+    def send(self, user: str) -> None:
+        pass
+
+
+factory_task = run_with(SessionFactory())
+
+
 @pytest.mark.parametrize(
     ("func", "args", "span_name", "function_name", "code"),
     [
@@ -123,8 +143,22 @@ def cached_lookup(key: str) -> str:
         ),
         (AsyncMock(), (1,), "BackgroundTask AsyncMock", "unittest.mock.AsyncMock", None),
         (MagicMock(), (1,), "BackgroundTask MagicMock", "unittest.mock.MagicMock", None),
+        (
+            log_calls_without_wraps(Notifier().send),
+            ("ann",),
+            "BackgroundTask Notifier.send",
+            f"{__name__}.Notifier.send",
+            Notifier.send.__code__,
+        ),
+        (
+            factory_task,
+            (),
+            "BackgroundTask run_with.<locals>.run",
+            f"{__name__}.run_with.<locals>.run",
+            factory_task.__code__,
+        ),
     ],
-    ids=["builtin", "class", "lru_cache", "AsyncMock", "MagicMock"],
+    ids=["builtin", "class", "lru_cache", "AsyncMock", "MagicMock", "method-without-wraps", "closure-over-object"],
 )
 async def test_names_say_what_ran(
     tracer_provider: TracerProvider,
