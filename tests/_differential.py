@@ -892,38 +892,40 @@ def documented_sentry(events: list[Any]) -> list[Any]:
     return kept
 
 
-# Starlette's TypeError for a task that is not callable (MISUSE_KINDS: add_task(coroutine), add_task(None)), in
-# the words of a newer Starlette or of 0.27's worker thread (tests/conftest.py, starlettes_refusal): that
-# task's failure, as otel_bgtasks forwards it. Behind BaseHTTPMiddleware sentry-sdk reports it twice
-# uninstrumented, as a failing task's own exception (documented_sentry).
-_MISUSE_FAILURES = tuple(
-    f".TypeError: {message}"
-    for message in (
-        "the first argument must be callable",
-        "'coroutine' object is not callable",
-        "'NoneType' object is not callable",
-    )
+# What a task fails with here: its own error, a timeout, or Starlette's TypeError for add_task(coro()) / (None)
+# (Starlette 0.27 calls what it was given: "'coroutine' object is not callable").
+_TASK_FAILURES = (
+    f"{TaskFailed.__module__}.TaskFailed: ",
+    ".TimeoutError",
+    ".TypeError: the first argument must be callable",
+    ".TypeError: 'coroutine' object is not callable",
+    ".TypeError: 'NoneType' object is not callable",
 )
 
 
 def _is_task_failure(event: Any) -> bool:
     kind, values = event
-    return kind == "exception" and values[0].startswith(
-        (f"{TaskFailed.__module__}.TaskFailed: ", ".TimeoutError", *_MISUSE_FAILURES)
-    )
+    return kind == "exception" and values[0].startswith(_TASK_FAILURES)
 
 
 def documented_timeout_chain(chain: Any) -> Any:
     """An exception chain without the ``CancelledError`` a timeout's ``TimeoutError`` carries as context.
 
     ``task_options(timeout=...)`` cancels the task and raises ``TimeoutError`` (README, Options); like
-    ``asyncio.timeout`` and anyio's ``fail_after`` its context is the cancellation it made.
+    ``asyncio.timeout`` and anyio's ``fail_after`` its context is the cancellation it made. Wherever the
+    ``TimeoutError`` sits in the chain: an outer middleware may translate it into the app's own error.
     """
-    if not isinstance(chain, list) or len(chain) < 2 or chain[0][0] != "builtins.TimeoutError":
+    if not isinstance(chain, list):
         return chain
-    if chain[1][0] == "asyncio.exceptions.CancelledError":
-        return [chain[0], *chain[2:]]
-    return chain
+    return [
+        link
+        for index, link in enumerate(chain)
+        if not (
+            index > 0
+            and link[0] == "asyncio.exceptions.CancelledError"
+            and chain[index - 1][0] == "builtins.TimeoutError"
+        )
+    ]
 
 
 def sentry_for_continue(reference: Observed, scenario: Scenario) -> list[Any]:
