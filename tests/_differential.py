@@ -893,9 +893,14 @@ def documented_sentry(events: list[Any]) -> list[Any]:
     return kept
 
 
+# The failures of the harness's tasks as Sentry tells them: a task's own error, a timeout, and the TypeError that
+# a coroutine object or None queued as a task raises as Starlette runs it (functools.partial's own message).
+_TASK_FAILURES = (f"{TaskFailed.__module__}.TaskFailed: ", ".TimeoutError", ".TypeError: the first argument must be")
+
+
 def _is_task_failure(event: Any) -> bool:
     kind, values = event
-    return kind == "exception" and values[0].startswith((f"{TaskFailed.__module__}.TaskFailed: ", ".TimeoutError"))
+    return kind == "exception" and values[0].startswith(_TASK_FAILURES)
 
 
 def documented_timeout_chain(chain: Any) -> Any:

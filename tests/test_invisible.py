@@ -535,6 +535,18 @@ def test_translated_error_reaches_sentry(receiver: SentryReceiver) -> None:
     compare(one(Unit("t0", "async", fail="raise"), stack=("translating",)), Options(), receiver)
 
 
+@not_on_oldest
+def test_one_sentry_event_for_add_task_of_a_coroutine_behind_base_http_middleware(receiver: SentryReceiver) -> None:
+    """sentry-sdk alone reports Starlette's TypeError twice there (its integration's event, uvicorn's log line).
+
+    README promises one event per failure, as for a task's own error (documented_sentry): found by a deep
+    generated run once never-attached coroutine tasks were generated again.
+    """
+    reference, after = compare(one(Unit("t0", "coroutine"), stack=("base_http",)), Options(), receiver)
+    assert len(reference.sentry) == 2
+    assert after.sentry == [("exception", (".TypeError: the first argument must be callable",))]
+
+
 def test_one_sentry_event_for_add_task_of_a_coroutine(receiver: SentryReceiver) -> None:
     reference, after = arms(one(Unit("t0", "coroutine")), Options(), receiver)
     assert len(reference.sentry) == 1
