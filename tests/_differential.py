@@ -806,6 +806,10 @@ def run_arm(
         finally:
             if options is not None:
                 otel_bgtasks.uninstrument()
+            if scenario.framework == "fastapi_contrib":
+                # Its patch of BackgroundTask.__call__ is process-wide and outlives the app: undone, so that the
+                # next arm, uninstrumented or not, starts from plain Starlette (test_task_dying_with_its_loop_...).
+                FastAPIInstrumentor.uninstrument_app(inner)
         del app, inner
     observed.effects = list(EFFECTS)
     observed.middleware = seen.events
