@@ -144,14 +144,15 @@ def instrument(
     )
     from otel_bgtasks.instrumentor import BackgroundTasksInstrumentor, instrumentor_lock
     from otel_bgtasks.request_metrics import equip
-    from otel_bgtasks.request_spans import ensure_request_spans, native_tracer_provider
+    from otel_bgtasks.request_spans import ensure_request_spans, request_tracer_provider
 
     instrumentor = BackgroundTasksInstrumentor()
     instrumentor.instrument(tracer_provider=tracer_provider, meter_provider=meter_provider, **options)
     if app is None:
         return app
     with instrumentor_lock:
-        instrumentor.follow(native_tracer_provider(app))  # FastAPI(telemetry={"tracer_provider": ...})
+        # FastAPI(telemetry={"tracer_provider": ...}), or contrib's instrument_app(app, tracer_provider=...) before
+        instrumentor.follow(request_tracer_provider(app))
     equip(app)  # an OpenTelemetryMiddleware made before instrument(), around the app or in its built stack
     return ensure_request_spans(app, tracer_provider, meter_provider)
 

@@ -35,6 +35,28 @@ def native_tracer_provider(app: Any) -> trace.TracerProvider | None:
     return provider if isinstance(provider, trace.TracerProvider) else None
 
 
+def request_tracer_provider(app: Any) -> trace.TracerProvider | None:
+    """The tracer provider ``app``'s request spans go to, where the app says so before ``instrument(app)``.
+
+    FastAPI's native telemetry's, or the one given to an ``OpenTelemetryMiddleware`` already in the app's
+    middleware list: contrib's ``instrument_app(app, tracer_provider=...)`` called before, which the watch on
+    ``instrument_app`` (``contrib_fastapi``) cannot see. Starlette keeps a middleware's keyword arguments in
+    ``kwargs`` (``options`` before 0.35).
+    """
+    native = native_tracer_provider(app)
+    if native is not None:
+        return native
+    for middleware in getattr(app, "user_middleware", ()):
+        cls = getattr(middleware, "cls", None)
+        if not (isinstance(cls, type) and issubclass(cls, OpenTelemetryMiddleware)):
+            continue
+        options = getattr(middleware, "kwargs", getattr(middleware, "options", None))
+        provider = options.get("tracer_provider") if isinstance(options, dict) else None  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+        if isinstance(provider, trace.TracerProvider):
+            return provider
+    return None
+
+
 def has_request_spans(app: Any) -> bool:
     """Whether requests to ``app`` already get spans: from an ASGI middleware, contrib's instrumentors or FastAPI."""
     if isinstance(app, OpenTelemetryMiddleware) or getattr(app, "_is_instrumented_by_opentelemetry", False):

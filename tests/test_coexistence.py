@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import version
 from typing import Any
 
 import httpx
@@ -338,21 +339,41 @@ def exporting_provider() -> tuple[TracerProvider, InMemorySpanExporter]:
     return provider, own_exporter
 
 
-@pytest.mark.parametrize("peer", with_native(["native", "contrib"]))
+# contrib's instrument_app() keeps its middleware's provider where otel_bgtasks can read it before 0.55b0 (an
+# entry in app.user_middleware); from 0.55b0 on, in a closure of the build_middleware_stack it installs.
+CONTRIB_LISTS_ITS_MIDDLEWARE = int(version("opentelemetry-instrumentation-fastapi").split(".")[1].split("b")[0]) < 55
+contrib_before = pytest.param(
+    "contrib_before",
+    marks=pytest.mark.xfail(
+        not CONTRIB_LISTS_ITS_MIDDLEWARE,
+        strict=True,
+        reason="contrib >= 0.55b0, instrument_app(tracer_provider=) before instrument(app): not told (README)",
+    ),
+)
+
+
+@pytest.mark.parametrize("peer", [*with_native(["native", "contrib"]), contrib_before])
 async def test_task_spans_follow_the_request_spans_to_the_peers_own_provider(
     peer: str, exporter: InMemorySpanExporter
 ) -> None:
-    """The app's request instrumentation has its own provider; instrument(app) was given none: tasks go there too."""
+    """The app's request instrumentation has its own provider; instrument(app) was given none: tasks go there too.
+
+    ``contrib_before``: contrib's ``instrument_app(app, tracer_provider=...)`` before ``instrument(app)``, the
+    set-up of a FastAPI without native telemetry (before 0.163); its middleware entry holds the provider.
+    """
     provider, own_exporter = exporting_provider()
-    setup = Setup(native=peer == "native", contrib="after" if peer == "contrib" else None)
+    contrib = {"contrib": "after", "contrib_before": "before"}.get(peer)
+    setup = Setup(native=peer == "native", contrib=contrib)
     app = make_app(setup, provider, (succeed,), sync=False)
+    if contrib == "before":
+        FastAPIInstrumentor.instrument_app(app, tracer_provider=provider)
     otel_bgtasks.instrument(app)
-    if peer == "contrib":
+    if contrib == "after":
         FastAPIInstrumentor.instrument_app(app, tracer_provider=provider)
     try:
         assert (await get(app)).status_code == 200
     finally:
-        uninstrument(app) if peer == "contrib" else otel_bgtasks.uninstrument()
+        uninstrument(app) if contrib else otel_bgtasks.uninstrument()
     assert task_spans(exporter) == []  # not the global provider's
     (task,) = task_spans(own_exporter)
     assert task.name == "BackgroundTask succeed"
