@@ -1164,9 +1164,13 @@ def serve_with_uvicorn(app: Any, observed: Observed) -> None:
         inner_app = getattr(loaded, "app", None)
         if inner_app is not None:
             loaded.app = Finished(inner_app)
-        response = httpx.get(server.url + "/run", timeout=10)
-        if not finished.wait(10 if inner_app is not None else 0):
-            _wait_for_quiet_effects()  # no hook in this uvicorn: the tasks have ended once nothing moves
+        # The connection stays open until the app's call has ended, as a keep-alive client's does. Closed once
+        # the body is read, it raced the tasks: a disconnect cancels Starlette 0.27's BaseHTTPMiddleware stream,
+        # and with it the re-raise of a task's failure, more often in the slower arm.
+        with httpx.Client(timeout=10) as client:
+            response = client.get(server.url + "/run")
+            if not finished.wait(10 if inner_app is not None else 0):
+                _wait_for_quiet_effects()  # no hook in this uvicorn: the tasks have ended once nothing moves
     observed.status = response.status_code
     observed.headers = sorted((k, v) for k, v in response.headers.items() if k not in ("date", "server"))
     observed.body = response.content
