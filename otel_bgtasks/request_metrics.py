@@ -89,6 +89,11 @@ _OWNER, _ATTRIBUTES, _OUTER, _STARTED, _ENDED, _FINISHED = range(6)
 # replaces it without linking to it, so nothing accumulates.
 _current: ContextVar[_Request | None] = ContextVar("otel_bgtasks_request_metrics", default=None)
 
+# Requests taken off the active count at their response whose add(-1) has not come yet: while there are
+# none, contrib's duration records pass on without looking for their request. A count, not a set of ids:
+# the set's add and discard cost the request that ran a task about as much as the lookup saved.
+_ended = 0
+
 
 def response_complete() -> None:
     """A task starts: if a Starlette response runs it, the response of the request (and of any outer one) is complete.
@@ -97,6 +102,7 @@ def response_complete() -> None:
     the route awaits itself (``await BackgroundTask(job)()`` before answering) runs before the response:
     it ends nothing, so the request stays active and its duration includes what follows.
     """
+    global _ended
     request = _current.get()
     checked = False
     while request is not None:
@@ -113,6 +119,7 @@ def response_complete() -> None:
             try:
                 request[_OWNER].__wrapped__.add(-1, request[_ATTRIBUTES])
                 request[_ENDED] = ended
+                _ended += 1
             except Exception as exc:
                 internal_error(exc)
         request = request[_OUTER]
@@ -218,6 +225,7 @@ class _ActiveRequests(_Instrument):
 
     def add(self, amount: Any, attributes: Any = None, context: Any = None) -> None:
         """Contrib's ``add(1, ...)`` at a request's start, ``add(-1, ...)`` at its end: the same ``attributes``."""
+        global _ended
         if amount == -1:
             request = _current.get()
             while request is not None and request[_OWNER] is not self:  # its own first; past it, nested ones
@@ -225,6 +233,7 @@ class _ActiveRequests(_Instrument):
             if request is not None and not request[_FINISHED]:
                 request[_FINISHED] = True
                 if request[_ENDED] is not None:
+                    _ended -= 1
                     return  # taken off at the response's end already
         elif amount == 1 and _installed is not None:
             current = _current.get()
@@ -248,14 +257,15 @@ class _Duration(_Instrument):
 
     def record(self, amount: Any, attributes: Any = None, context: Any = None) -> None:
         """Contrib's record in its ``finally``: after the tasks, its value less their time."""
-        request = _current.get()
-        while request is not None and request[_OWNER] is not self.owner:
-            request = request[_OUTER]
-        if request is not None and request[_ENDED] is not None and not request[_FINISHED]:
-            try:
-                amount = self._until_response(amount, request)
-            except Exception as exc:
-                internal_error(exc)
+        if _ended:
+            request = _current.get()
+            while request is not None and request[_OWNER] is not self.owner:
+                request = request[_OUTER]
+            if request is not None and request[_ENDED] is not None and not request[_FINISHED]:
+                try:
+                    amount = self._until_response(amount, request)
+                except Exception as exc:
+                    internal_error(exc)
         if context is None:
             self.__wrapped__.record(amount, attributes)
         else:
