@@ -36,7 +36,9 @@ Instead, what contrib *records* is adjusted, through its own instruments:
   the time from contrib's ``add(+1)`` to that moment, rounded as contrib does, rather than a rounded
   value less a time).
 
-A request that queues no task pays only the proxies' pass-through (benchmarks/results.md: per request).
+A request that queues no task pays the proxies' pass-through and its holder's ``ContextVar.set``, most of the
+cost: the variable makes each of the request's other context operations work on one key more
+(benchmarks/results.md: per request).
 Records made before the first task starts pass through untouched, so a contrib release that already
 ends these metrics at the response is measured as it measures itself: nothing to detect. Nested
 contrib middlewares (FastAPI's instrumentation and a user's own) each get a holder, chained, and all
