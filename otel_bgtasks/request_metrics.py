@@ -93,7 +93,9 @@ _current: ContextVar[_Request | None] = ContextVar("otel_bgtasks_request_metrics
 
 # Requests taken off the active count at their response whose add(-1) has not come yet: while there are
 # none, contrib's duration records pass on without looking for their request. A count, not a set of ids:
-# the set's add and discard cost the request that ran a task about as much as the lookup saved.
+# the set's add and discard cost the request that ran a task about as much as the lookup saved. Only a
+# hint: event loops in several threads could lose an update, and then one request's duration is recorded
+# as contrib records it (too low), or records look for their request as they did before (too high).
 _ended = 0
 
 
