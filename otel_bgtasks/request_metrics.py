@@ -36,6 +36,10 @@ Instead, what contrib *records* is adjusted, through its own instruments:
   the time from contrib's ``add(+1)`` to that moment, rounded as contrib does, rather than a rounded
   value less a time).
 
+The same wrapper of ``__init__`` (installed with or without ``request_metrics_end_at_response``) tells the
+instrumentor the ``tracer_provider`` each new instance was given: task spans follow it, as the instance
+keeps only a tracer made from it.
+
 A request that queues no task pays only the proxies' pass-through (benchmarks/results.md: per request).
 Records made before the first task starts pass through untouched, so a contrib release that already
 ends these metrics at the response is measured as it measures itself: nothing to detect. Nested
