@@ -2,8 +2,8 @@
 
 Both are silent otherwise: with no SDK (and no provider given to otel_bgtasks, FastAPI's native telemetry,
 contrib's ``instrument_app()`` or an ``OpenTelemetryMiddleware`` made after ``instrument()``, which task spans
-follow), task spans go nowhere, and so do request spans unless a middleware made earlier was given a provider
-(then said as such: :data:`UNSEEN_PROVIDER`); with nothing tracing the requests
+follow), task spans go nowhere, and so do request spans unless their middleware was handed a provider
+otel_bgtasks cannot see (then said as such: :data:`UNSEEN_PROVIDER`); with nothing tracing the requests
 (a plain Starlette app under ``opentelemetry-instrument`` without the Starlette instrumentation), each
 task span is the root of a trace of its own. The first task tells: after it, checking costs one flag.
 """
@@ -69,10 +69,11 @@ def arm(spans_recorded: Callable[[], bool], spans_wanted: bool = True) -> None:
             ``instrument_app()`` (followed since), or an SDK set as the global one.
         spans_wanted: ``False`` when the provider given is a no-op one: spans going nowhere is the point.
     """
-    global pending, _spans_recorded
+    global pending, _spans_recorded, _unseen
     with _lock:
         pending = spans_wanted
         _spans_recorded = spans_recorded
+        _unseen = None  # what an earlier instrumentation saw is not this one's
 
 
 def note_unseen_provider(where: str) -> None:
