@@ -803,6 +803,10 @@ def run_arm(
         finally:
             if options is not None:
                 otel_bgtasks.uninstrument()
+            if scenario.framework == "fastapi_contrib":
+                # Its patch of BackgroundTask.__call__ is process-wide and outlives the app: undone, so that the
+                # next arm, uninstrumented or not, starts from plain Starlette (test_task_dying_with_its_loop_...).
+                FastAPIInstrumentor.uninstrument_app(inner)
         del app, inner
     observed.effects = list(EFFECTS)
     observed.middleware = seen.events
@@ -889,22 +893,40 @@ def documented_sentry(events: list[Any]) -> list[Any]:
     return kept
 
 
+# What a task fails with here: its own error, a timeout, or Starlette's TypeError for add_task(coro()) / (None)
+# (Starlette 0.27 calls what it was given: "'coroutine' object is not callable").
+_TASK_FAILURES = (
+    f"{TaskFailed.__module__}.TaskFailed: ",
+    ".TimeoutError",
+    ".TypeError: the first argument must be callable",
+    ".TypeError: 'coroutine' object is not callable",
+    ".TypeError: 'NoneType' object is not callable",
+)
+
+
 def _is_task_failure(event: Any) -> bool:
     kind, values = event
-    return kind == "exception" and values[0].startswith((f"{TaskFailed.__module__}.TaskFailed: ", ".TimeoutError"))
+    return kind == "exception" and values[0].startswith(_TASK_FAILURES)
 
 
 def documented_timeout_chain(chain: Any) -> Any:
     """An exception chain without the ``CancelledError`` a timeout's ``TimeoutError`` carries as context.
 
     ``task_options(timeout=...)`` cancels the task and raises ``TimeoutError`` (README, Options); like
-    ``asyncio.timeout`` and anyio's ``fail_after`` its context is the cancellation it made.
+    ``asyncio.timeout`` and anyio's ``fail_after`` its context is the cancellation it made. Wherever the
+    ``TimeoutError`` sits in the chain: an outer middleware may translate it into the app's own error.
     """
-    if not isinstance(chain, list) or len(chain) < 2 or chain[0][0] != "builtins.TimeoutError":
+    if not isinstance(chain, list):
         return chain
-    if chain[1][0] == "asyncio.exceptions.CancelledError":
-        return [chain[0], *chain[2:]]
-    return chain
+    return [
+        link
+        for index, link in enumerate(chain)
+        if not (
+            index > 0
+            and link[0] == "asyncio.exceptions.CancelledError"
+            and chain[index - 1][0] == "builtins.TimeoutError"
+        )
+    ]
 
 
 def sentry_for_continue(reference: Observed, scenario: Scenario) -> list[Any]:
