@@ -227,6 +227,10 @@ ORDERS_SCRIPT = textwrap.dedent(
         FastAPIInstrumentor.instrument_app(app, tracer_provider=provider)
     elif setup == "middleware first":
         app = otel_bgtasks.instrument(OpenTelemetryMiddleware(app, tracer_provider=provider))
+    elif setup == "middleware first, then instrumented anew":
+        otel_bgtasks.instrument(OpenTelemetryMiddleware(app, tracer_provider=provider))
+        otel_bgtasks.uninstrument()
+        app = otel_bgtasks.instrument(app)  # its own request spans, to the global provider: nowhere
     elif setup == "middleware after":
         otel_bgtasks.instrument()
         app = OpenTelemetryMiddleware(app, tracer_provider=provider)
@@ -320,3 +324,11 @@ def test_a_provider_out_of_sight_is_named_with_the_fix(tmp_path: Path, setup: st
     assert f"No OpenTelemetry SDK is set as the global one, and {UNSEEN}{where[1:]}, so background tasks' " in warning
     assert FIX in warning
     assert NO_SDK not in warning  # not the generic warning, untrue for the request spans
+
+
+def test_an_earlier_instrumentations_provider_out_of_sight_is_not_this_ones(tmp_path: Path) -> None:
+    """Instrumented anew, the app's requests traced by otel_bgtasks' own middleware: the plain no-SDK warning."""
+    spans, told = run_order(tmp_path, "middleware first, then instrumented anew")
+    assert spans == {"servers": [], "task_parents": [], "exported": [], "tasks": 0}
+    (warning,) = told
+    assert warning.startswith(NO_SDK), warning
