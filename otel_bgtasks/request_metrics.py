@@ -36,6 +36,10 @@ Instead, what contrib *records* is adjusted, through its own instruments:
   the time from contrib's ``add(+1)`` to that moment, rounded as contrib does, rather than a rounded
   value less a time).
 
+The same wrapper of ``__init__`` (installed with or without ``request_metrics_end_at_response``) tells the
+instrumentor the ``tracer_provider`` each new instance was given: task spans follow it, as the instance
+keeps only a tracer made from it.
+
 A request that queues no task pays the proxies' pass-through and its holder's ``ContextVar.set``, most of the
 cost: the variable makes each of the request's other context operations work on one key more
 (benchmarks/results.md: per request).
@@ -54,7 +58,7 @@ import inspect
 import logging
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from timeit import default_timer
 from types import CodeType, FrameType
@@ -308,10 +312,17 @@ def _equip_one(instance: Any) -> None:
 
 
 def _init_middleware(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """``OpenTelemetryMiddleware.__init__``: contrib's, then the proxies on the instance it made."""
+    """``OpenTelemetryMiddleware.__init__``: contrib's, then task spans follow its provider, and the proxies."""
     wrapped(*args, **kwargs)
-    if _installed:
-        with capture_internal_exceptions():
+    with capture_internal_exceptions():
+        follow = _follow
+        if follow is not None:
+            # The instance keeps only a tracer: its provider is seen here, as an argument, or never.
+            provider = kwargs.get("tracer_provider")
+            if provider is None and len(args) > 1:
+                provider = inspect.signature(wrapped).bind(*args, **kwargs).arguments.get("tracer_provider")
+            follow(provider, instance)
+        if _installed:
             _equip_one(instance)
 
 
@@ -323,47 +334,68 @@ def equip(app: Any) -> None:
     with capture_internal_exceptions():
         if _installed is None:
             return
-        seen: set[int] = set()
-        pending = [app]
-        while pending and len(seen) < 64:
-            current = pending.pop()
-            if current is None or id(current) in seen:
-                continue
-            seen.add(id(current))
-            if isinstance(current, _installed):
-                _equip_one(current)
-            for name in ("app", "middleware_stack"):
-                inner: Any = getattr(current, "__dict__", {}).get(name)
-                if inner is not None:
-                    pending.append(inner)
+        for middleware in contrib_middlewares(app):
+            _equip_one(middleware)
+
+
+def contrib_middlewares(app: Any) -> Iterator[Any]:
+    """Contrib's ``OpenTelemetryMiddleware`` instances in ``app``: itself, those it wraps, and in its built stack.
+
+    Follows ``app``'s ``.app`` and Starlette's built ``middleware_stack``, a few levels deep.
+    """
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware  # pyright: ignore[reportMissingTypeStubs]
+
+    seen: set[int] = set()
+    pending = [app]
+    while pending and len(seen) < 64:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OpenTelemetryMiddleware):
+            yield current
+        for name in ("app", "middleware_stack"):
+            inner: Any = getattr(current, "__dict__", {}).get(name)
+            if inner is not None:
+                pending.append(inner)
 
 
 _lock = threading.Lock()
-_installed: type | None = None  # contrib's middleware class, while its __init__ is wrapped
+_wrapped: type | None = None  # contrib's middleware class, while its __init__ is wrapped
+_installed: type | None = None  # the same, while request metrics end at the response
+_follow: Callable[[Any, Any], None] | None = None  # the instrumentor's, given each new instance and its provider
 
 
-def install() -> None:
-    """Make contrib's request metrics end with the response, for the middleware instances made from now on."""
-    global _installed, _response_codes, _response_call_ids
+def install(follow: Callable[[Any, Any], None], end_at_response: bool) -> None:
+    """Watch contrib's middleware instances made from now on: task spans follow the provider each is given.
+
+    Args:
+        follow: called with the ``tracer_provider`` each new instance was given (``None`` if none) and the instance.
+        end_at_response: also make their request metrics end with the response.
+    """
+    global _wrapped, _installed, _follow, _response_codes, _response_call_ids
     with _lock, capture_internal_exceptions():
-        if _installed is not None:
-            return
         from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware  # pyright: ignore[reportMissingTypeStubs]
 
+        _follow = follow
+        if _wrapped is None:
+            wrap_function_wrapper(OpenTelemetryMiddleware, "__init__", _init_middleware)
+            _wrapped = OpenTelemetryMiddleware
+        if not end_at_response or _installed is not None:
+            return
         if not _api_signatures_known():
             _logger.debug("the metrics API's add/record take other parameters: request metrics left as they are")
             return
         _response_codes = _response_calls()
         _response_call_ids = frozenset(map(id, _response_codes))
-        wrap_function_wrapper(OpenTelemetryMiddleware, "__init__", _init_middleware)
         _installed = OpenTelemetryMiddleware
 
 
 def remove() -> None:
     """Undo :func:`install`. Instances keep their proxies, which start no new request once removed."""
-    global _installed
+    global _wrapped, _installed, _follow
     with _lock, capture_internal_exceptions():
-        middleware, _installed = _installed, None
+        middleware, _wrapped, _installed, _follow = _wrapped, None, None, None
         if middleware is None:
             return
         # Only our own wrapper: unwrap() would take off another library's wrapped over ours (ours then passes through).

@@ -83,3 +83,21 @@ def withdraw_request_spans(app: Any) -> None:
     if entry is None or not isinstance(middleware, list) or getattr(app, "middleware_stack", None) is not None:
         return
     middleware[:] = [item for item in middleware if item is not entry]  # pyright: ignore[reportUnknownVariableType]
+
+
+def traces_with_a_given_provider(middleware: Any) -> bool:
+    """Whether a contrib middleware traces with a provider it was given, or the global SDK's: not the API's.
+
+    Given none while no SDK is set, it holds the API's ``ProxyTracer`` (or a no-op tracer). It keeps only a
+    tracer: its provider is seen as an argument, by ``request_metrics``' wrapper of ``__init__``, or never
+    (the SDK's tracer names its provider nowhere public; its constructor changed across SDK releases).
+    """
+    tracer = getattr(middleware, "tracer", None)
+    return tracer is not None and not isinstance(tracer, (trace.ProxyTracer, trace.NoOpTracer))
+
+
+def traced_with_an_unseen_provider(app: Any) -> bool:
+    """Whether a contrib middleware in ``app``, made before ``instrument()``, may trace with a provider unseen."""
+    from otel_bgtasks.request_metrics import contrib_middlewares
+
+    return any(traces_with_a_given_provider(middleware) for middleware in contrib_middlewares(app))
