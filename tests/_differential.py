@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -599,12 +600,13 @@ class _Records(logging.Handler):
     def __init__(self, observed: Observed) -> None:
         super().__init__(logging.DEBUG)
         self.observed = observed
-        self.seen: set[int] = set()
+        # Weakly: a freed record's id is soon another's (on 3.13 nearly always), which an id set would drop.
+        self.seen: weakref.WeakSet[logging.LogRecord] = weakref.WeakSet()
 
     def emit(self, record: logging.LogRecord) -> None:
-        if id(record) in self.seen:  # reached through both the root and the otel_bgtasks logger
+        if record in self.seen:  # reached through both the root and the otel_bgtasks logger
             return
-        self.seen.add(id(record))
+        self.seen.add(record)
         if record.name == "otel_bgtasks" or record.name.startswith("otel_bgtasks."):
             self.observed.own_logs.append(f"{record.levelname} {record.getMessage()}")
         elif not record.name.startswith(_NOISE_LOGGERS):
