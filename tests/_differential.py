@@ -777,6 +777,7 @@ def run_arm(
     serve: Callable[[Any, Observed], None] | None = None,
 ) -> Observed:
     """Build the app of ``scenario``, instrument it per ``options`` (None: not at all), send one request."""
+    assert_starlette_untouched()
     observed = Observed()
     telemetry = Telemetry()
     seen = SeenByMiddleware()
@@ -805,7 +806,12 @@ def run_arm(
         finally:
             if options is not None:
                 otel_bgtasks.uninstrument()
+            if scenario.framework == "fastapi_contrib":
+                # Contrib's instrument_app() patches BackgroundTask.__call__ for the whole process: left
+                # there, every later arm (uninstrumented ones too) would run its tasks under contrib's span.
+                FastAPIInstrumentor.uninstrument_app(inner)
         del app, inner
+    assert_starlette_untouched()
     observed.effects = list(EFFECTS)
     observed.middleware = seen.events
     observed.raw_vars = sorted(vars(seen.raw)) if seen.raw is not None else None
@@ -819,6 +825,17 @@ def run_arm(
 @contextmanager
 def _nothing() -> Iterator[None]:
     yield
+
+
+# Starlette's own, as imported: what every arm must start and end with (neither arm may inherit a patch).
+_STARLETTE_CALLS = (vars(BackgroundTask)["__call__"], vars(BackgroundTasks)["__call__"])
+
+
+def assert_starlette_untouched() -> None:
+    """Starlette's task classes are as Starlette made them: no patch left by an earlier arm or test."""
+    calls = (vars(BackgroundTask)["__call__"], vars(BackgroundTasks)["__call__"])
+    assert calls == _STARLETTE_CALLS, f"left patched: {calls}"
+    assert "_otel_original_call" not in vars(BackgroundTask), "contrib's FastAPI instrumentation left patched"
 
 
 # -- documented differences ---------------------------------------------------------------------------------
