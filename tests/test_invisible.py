@@ -98,14 +98,7 @@ late_never_awaited = pytest.mark.filterwarnings(
 )
 # Module-wide: a coroutine of one case that something else held (a Sentry integration an earlier module left
 # patched into Starlette keeps a traceback) is collected during a later case, which is not to blame for it.
-pytestmark = [
-    late_never_awaited,
-    pytest.mark.skipif(
-        sys.version_info >= (3, 13),
-        reason="issue 18 §7: not yet triaged on Python 3.13 (uvicorn's error log and Sentry events differ "
-        "between the arms depending on what earlier cases left; Python 3.10-3.12 run it)",
-    ),
-]
+pytestmark = [late_never_awaited]
 
 
 @pytest.fixture(autouse=True)
