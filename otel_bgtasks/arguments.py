@@ -4,7 +4,8 @@ Arguments are the data a task works on (addresses, tokens, personal records). No
 unless the user asked for it, and then a value whose name looks secret is never rendered at all:
 keyword names, the parameter names positional arguments bind to, keys inside mappings, the fields of
 dataclasses, attrs classes, pydantic models and namedtuples, and the first item of key/value pairs
-(raw headers: ``[(b"authorization", b"Bearer ...")]``) are all checked, to a small depth.
+(raw headers: ``[(b"authorization", b"Bearer ...")]``) are all checked, to a small depth. A positional
+value whose parameter name cannot be known (``*args``, no signature) is shown by its type only.
 
 An object is shown by its own ``repr`` unless that repr is one generated from the object's items or fields:
 then those are walked (with redaction), as the generated repr would show them. The reprs walked are
@@ -99,11 +100,17 @@ class ArgumentCapture:
     ) -> tuple[list[str], list[str]]:
         """``(args, kwargs)`` as lists of strings: ``repr(value)`` and ``"name=repr(value)"``.
 
+        What ``func`` is called with: a ``functools.partial``'s own arguments come first, as the partial passes
+        them. A positional value whose parameter name cannot be known (bound to ``*args``, or ``func`` has no
+        signature) is shown by its type only, ``[redacted str]``: a decorator written without ``functools.wraps``
+        takes ``(*args, **kwargs)``, and the password among them would otherwise go out in clear.
+
         Never raises: a value whose rendering fails becomes a placeholder such as ``<unrepresentable Foo>``.
         """
-        names = _parameter_names(func, len(args))
+        called, args, kwargs = _unbound(func, args, kwargs)
+        names = _parameter_names(called, len(args), kwargs)
         rendered_args = [
-            REDACTED if name is not None and self.is_secret(name) else self._value(value)
+            _unnamed(value) if name is None else REDACTED if self.is_secret(name) else self._value(value)
             for name, value in zip(names, args, strict=True)
         ]
         rendered_kwargs = [
@@ -392,49 +399,52 @@ def _normal(key: str) -> str:
     return key.lower().replace("-", "_")
 
 
-# The names positional arguments bind to, then the name of *args (None: there is none).
-_Positional = tuple[tuple[str, ...], "str | None"]
+def _unnamed(value: object) -> str:
+    """A value whose name is unknown: its type only (a class's ``__qualname__`` is always a ``str``)."""
+    return f"[redacted {type(value).__qualname__}]"
 
 
-def _signature_of(func: object) -> _Positional | None:
+def _unbound(
+    func: object, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> tuple[object, tuple[Any, ...], Mapping[str, Any]]:
+    """The function a ``functools.partial`` calls, and the arguments it calls it with (the call's keywords win)."""
+    while isinstance(func, functools.partial):
+        partial = cast(functools.partial[object], func)
+        func, args, kwargs = partial.func, (*partial.args, *args), {**partial.keywords, **kwargs}
+    return func, args, kwargs
+
+
+def _signature_of(func: object) -> tuple[str, ...] | None:
     """From ``inspect.signature``, which follows ``__wrapped__``: a decorator's (*args, **kwargs) is not the API."""
     try:
         parameters = inspect.signature(func).parameters.values()  # pyright: ignore[reportArgumentType]
     except Exception:  # TypeError/ValueError for most that have none; anything from a hostile __signature__
         return None
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    names = tuple(p.name for p in parameters if p.kind in positional)
-    star = next((p.name for p in parameters if p.kind is inspect.Parameter.VAR_POSITIONAL), None)
-    return names, star
+    return tuple(p.name for p in parameters if p.kind in positional)
 
 
 # inspect.signature costs microseconds: once per callable, as long as it lives.
-_signatures: PerCallable[_Positional | None] = PerCallable(_signature_of)
+_signatures: PerCallable[tuple[str, ...] | None] = PerCallable(_signature_of)
 
 
-def _positional(func: object) -> _Positional | None:
-    """What positional arguments given to ``func`` bind to; ``None`` where that cannot be known."""
-    if isinstance(func, functools.partial):
-        partial = cast(functools.partial[object], func)
-        inner = _positional(partial.func)
-        if inner is None:
-            return None
-        names = inner[0][len(partial.args) :]
-        # A parameter the partial sets by keyword, and every one after it, takes no more positional arguments.
-        cut = next((i for i, name in enumerate(names) if name in partial.keywords), len(names))
-        return names[:cut], inner[1]
+def _positional(func: object) -> tuple[str, ...] | None:
+    """The names positional arguments given to ``func`` bind to, in order; ``None`` where that cannot be known.
+
+    Past them, arguments go into ``*args``, whose name is the tuple's, not each value's.
+    """
     if isinstance(func, MethodType):  # made anew at each attribute access: its function is what is remembered
         inner = _positional(func.__func__)
-        if inner is None or not inner[0]:
-            return inner  # (*args): the instance went into it, the rest still does
-        return inner[0][1:], inner[1]  # the instance binds to the first parameter
+        return None if inner is None else inner[1:]  # the instance binds to the first parameter (or to *args)
     return _signatures.get(func)
 
 
-def _parameter_names(func: object, count: int) -> list[str | None]:
-    """The parameter names ``count`` positional arguments bind to (``None`` where unknown)."""
-    positional = _positional(func)
-    if positional is None:
-        return [None] * count
-    names, star = positional
-    return [names[i] if i < len(names) else star for i in range(count)]
+def _parameter_names(func: object, count: int, keywords: Collection[str]) -> list[str | None]:
+    """The parameter names ``count`` positional arguments bind to (``None`` where unknown).
+
+    A parameter also given by keyword (``partial(send, user="ann")("s3cret")``), and every one after it, binds no
+    positional argument: the call fails, and the value meant for the next parameter is not shown under its name.
+    """
+    names = _positional(func) or ()
+    cut = next((i for i, name in enumerate(names) if name in keywords), len(names))
+    return [names[i] if i < cut else None for i in range(count)]

@@ -2,7 +2,8 @@
 
 Starlette accepts any callable: plain and async functions, bound methods, ``functools.partial``,
 decorated functions, classes and objects with ``__call__``. Each gets the name a person would look for
-in their own code: the innermost function a decorator wraps (``inspect.unwrap``), the class a callable
+in their own code: the innermost function a decorator wraps (``inspect.unwrap``; through a wrapper written
+without ``functools.wraps``, the one callable it closes over), the class a callable
 object or a class used as a task belongs to, ``builtins.print`` for a builtin. Names are computed once
 per callable (see :mod:`otel_bgtasks.identity`).
 """
@@ -15,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import CodeType, FrameType, FunctionType, MethodType, ModuleType
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from opentelemetry.util.types import AttributeValue
 
@@ -72,6 +73,12 @@ def _compute(target: object) -> FunctionNames:
         cls = _declared_class(type(target))
         return _names_from(cls.__qualname__, cls.__module__, None, NOT_SET)
     inner = _innermost(target)
+    outer = target  # where @task_options may sit, above a decorator written without functools.wraps
+    for _ in range(_MAX_FORWARDS):  # such a decorator's wrapper is named after what it runs
+        forwarded = _forwarded_to(inner)
+        if forwarded is None:
+            break
+        target, inner = forwarded, _innermost(forwarded)
     if inspect.iscoroutine(inner) or inspect.isgenerator(inner) or inspect.isasyncgen(inner):
         # add_task(send_email(addr)): named after the function that made it, as FastAPI and contrib do.
         kind = {"coroutine": "cr", "generator": "gi", "async_generator": "ag"}[type(inner).__name__]
@@ -80,15 +87,17 @@ def _compute(target: object) -> FunctionNames:
         code = _code(getattr(inner, f"{kind}_code", None))
         return _names_from(_string(getattr(inner, "__qualname__", None)), _string(module), code, NOT_SET)
     if isinstance(inner, type):  # a class used as a task: what runs is its __init__
-        return _names_from(inner.__qualname__, inner.__module__, _code_of(inner.__init__), declared_timeout(target))
+        return _names_from(
+            inner.__qualname__, inner.__module__, _code_of(inner.__init__), declared_timeout(outer, target)
+        )
     qualname = _string(getattr(inner, "__qualname__", None)) or _string(getattr(inner, "__name__", None))
     if qualname is not None:  # a function, a builtin, a method descriptor, a Cython function...
         code = _code(getattr(inner, "__code__", None))
-        return _names_from(qualname, _module_of(inner), code, declared_timeout(target))
+        return _names_from(qualname, _module_of(inner), code, declared_timeout(outer, target))
     # A callable object: name its class.
     cls = type(inner)
     call = getattr(cls, "__call__", None)  # noqa: B004  # the class's, not the instance's
-    return _names_from(cls.__qualname__, cls.__module__, _code_of(call), declared_timeout(target, call))
+    return _names_from(cls.__qualname__, cls.__module__, _code_of(call), declared_timeout(outer, target, call))
 
 
 def _names_from(qualname: str | None, module: str | None, code: CodeType | None, timeout: object) -> FunctionNames:
@@ -126,6 +135,36 @@ def _innermost(func: object) -> object:
         return inspect.unwrap(func)  # pyright: ignore[reportArgumentType]
     except ValueError:  # a __wrapped__ cycle
         return func
+
+
+# The code flags of a wrapper that takes (*args, **kwargs) and nothing else.
+_FORWARDING: Final = inspect.CO_VARARGS | inspect.CO_VARKEYWORDS
+_FUNCTIONS: Final[tuple[type[object], ...]] = (FunctionType, MethodType, functools.partial)
+_MAX_FORWARDS: Final = 8  # decorators stacked; also ends a cycle of wrappers closing over each other
+
+
+def _forwarded_to(func: object) -> object | None:
+    """The callable a decorator's wrapper written without ``functools.wraps`` forwards to, if it is one.
+
+    ``def wrapper(*args, **kwargs): return func(*args, **kwargs)``: a Python function that takes nothing
+    but ``*args`` and ``**kwargs`` and closes over exactly one function (plain, bound or partial). Every
+    function that decorator wraps runs ``wrapper``, so its name would be the same for all; the one it closes
+    over is the user's. A callable object it closes over (a session factory) is something it uses, not it.
+    """
+    if type(func) is not FunctionType:
+        return None
+    code = func.__code__
+    if code.co_flags & _FORWARDING != _FORWARDING or code.co_argcount or code.co_kwonlyargcount:
+        return None
+    found: list[object] = []
+    for cell in func.__closure__ or ():
+        try:
+            value: object = cell.cell_contents
+        except ValueError:  # a cell not yet filled
+            continue
+        if isinstance(value, _FUNCTIONS):  # not an object it calls (a session factory)
+            found.append(cast(object, value))
+    return _target(found[0]) if len(found) == 1 and found[0] is not func else None
 
 
 def _code_of(func: object) -> CodeType | None:

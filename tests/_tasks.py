@@ -36,7 +36,23 @@ def retry_once(func: _F) -> _F:
     return retry(func)  # type: ignore[return-value]
 
 
-each_decorator = pytest.mark.parametrize("decorate", [log_calls, retry_once], ids=["functools.wraps", "tenacity"])
+def log_calls_without_wraps(func: _F) -> _F:
+    """The same decorator written without ``functools.wraps``: nothing says what ``logged`` wraps."""
+
+    def logged(*args: Any, **kwargs: Any) -> Any:
+        logging.getLogger("tests").debug("calling %s", func.__name__)
+        return func(*args, **kwargs)
+
+    return logged  # type: ignore[return-value]
+
+
+# The decorators that say what they wrap (__wrapped__), and every decorator.
+each_wrapping_decorator = pytest.mark.parametrize(
+    "decorate", [log_calls, retry_once], ids=["functools.wraps", "tenacity"]
+)
+each_decorator = pytest.mark.parametrize(
+    "decorate", [log_calls, retry_once, log_calls_without_wraps], ids=["functools.wraps", "tenacity", "without-wraps"]
+)
 
 
 def app_queueing(make_tasks: Callable[[], list[Task]]) -> FastAPI:

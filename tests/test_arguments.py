@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 import attrs
 import pytest
-from _tasks import app_queueing, each_decorator, request
+from _tasks import app_queueing, each_wrapping_decorator, log_calls_without_wraps, request
 from conftest import task_spans
 from fastapi import BackgroundTasks, FastAPI, Request
 from opentelemetry.sdk.trace import TracerProvider
@@ -97,7 +97,7 @@ def args_by_span_name(exporter: InMemorySpanExporter) -> dict[str, Any]:
     return {s.name: (s.attributes or {}).get("background_task.args") for s in task_spans(exporter)}
 
 
-@each_decorator
+@each_wrapping_decorator
 async def test_a_decorated_task_redacts_its_own_parameters_whichever_was_seen_first(
     tracer_provider: TracerProvider, exporter: InMemorySpanExporter, decorate: Callable[..., Any]
 ) -> None:
@@ -117,9 +117,81 @@ async def test_a_decorated_task_redacts_its_own_parameters_whichever_was_seen_fi
     assert args[f"BackgroundTask {create_account.__qualname__}"] == ("'ann'", "[redacted]")
 
 
+def send_newsletter(*recipients: str) -> None:
+    pass
+
+
+async def test_values_whose_parameter_name_is_unknown_are_shown_by_type_only(
+    tracer_provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    # Without functools.wraps the wrapper's (*args, **kwargs) is all that can be seen: "s3cret" binds to *args,
+    # not to "password". Keywords keep their names, and a value given by keyword is redacted by it as before.
+    @log_calls_without_wraps
+    def create_account(user: str, password: str) -> None:
+        pass
+
+    otel_bgtasks.instrument(tracer_provider=tracer_provider, capture_args=True)
+    await BackgroundTask(create_account, "ann", "s3cret")()
+    await BackgroundTask(create_account, user="ann", password="s3cret")()
+    await BackgroundTask(send_newsletter, "ann@example.com", "bob@example.com")()
+    await BackgroundTask(print, "printed by a background task")()  # no signature: no name either
+
+    spans = task_spans(exporter)
+    assert [(s.attributes or {}).get("background_task.args") for s in spans] == [
+        ("[redacted str]", "[redacted str]"),
+        (),
+        ("[redacted str]", "[redacted str]"),
+        ("[redacted str]",),
+    ]
+    assert [(s.attributes or {}).get("background_task.kwargs") for s in spans] == [
+        (),
+        ("user='ann'", "password=[redacted]"),
+        (),
+        (),
+    ]
+    # Named after the function the wrapper closes over, not the wrapper every function it decorates shares.
+    assert spans[0].name == (
+        "BackgroundTask test_values_whose_parameter_name_is_unknown_are_shown_by_type_only.<locals>.create_account"
+    )
+    for span in spans:
+        assert "s3cret" not in repr(dict(span.attributes or {}))
+
+
 class Accounts:
     def create(self, user: str, password: str) -> None:
         pass
+
+
+async def test_a_partials_own_arguments_are_captured_and_redacted_by_the_function_they_go_to(
+    tracer_provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    accounts = Accounts()
+    otel_bgtasks.instrument(tracer_provider=tracer_provider, capture_args=True)
+    tasks: list[tuple[Any, tuple[Any, ...], dict[str, Any]]] = [
+        (functools.partial(login, "ada", "s3cret"), (), {}),
+        (functools.partial(login, "ada", password="s3cret", options={"colour": "blue"}), (), {"options": None}),
+        (functools.partial(functools.partial(accounts.create, "cy"), "pa55"), (), {}),
+    ]
+    for func, args, kwargs in tasks:
+        await BackgroundTask(func, *args, **kwargs)()
+    # "user" is given by keyword, so the positional "s3cret" has no parameter to go to (the call fails).
+    with pytest.raises(TypeError, match="multiple values for argument 'user'"):
+        await BackgroundTask(functools.partial(login, user="ann"), "s3cret")()
+
+    spans = task_spans(exporter)
+    assert [(s.attributes or {}).get("background_task.args") for s in spans] == [
+        ("'ada'", "[redacted]"),
+        ("'ada'",),
+        ("'cy'", "[redacted]"),
+        ("[redacted str]",),
+    ]
+    assert [(s.attributes or {}).get("background_task.kwargs") for s in spans] == [
+        (),
+        ("password=[redacted]", "options=None"),  # the call's keyword wins over the partial's, as in the call
+        (),
+        ("user='ann'",),
+    ]
+    assert [(s.attributes or {}).get("background_task.outcome") for s in spans] == ["success"] * 3 + ["error"]
 
 
 async def test_a_method_redacts_the_same_parameter_used_bound_or_unbound(
@@ -232,6 +304,10 @@ def process(item: Any, *, note: Any = None) -> None:
     pass
 
 
+def compare(left: Any, right: Any) -> None:
+    pass
+
+
 async def test_an_argument_that_cannot_be_rendered_becomes_a_placeholder(
     tracer_provider: TracerProvider, exporter: InMemorySpanExporter
 ) -> None:
@@ -327,7 +403,7 @@ def test_a_huge_list_is_walked_only_as_far_as_it_is_shown() -> None:
     huge = CountingList([item] * 1_000_000)
     nested = [CountingList([item] * 1000)] * 1000
 
-    (shown_huge, shown_nested), _ = ArgumentCapture(max_length=64).render(process, (huge, nested), {})
+    (shown_huge, shown_nested), _ = ArgumentCapture(max_length=64).render(compare, (huge, nested), {})
 
     assert shown_huge.startswith("CountingList([item, item, ") and shown_huge.endswith("…")
     assert shown_nested.startswith("[CountingList([item, ") and len(shown_nested) == 64

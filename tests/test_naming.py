@@ -15,7 +15,7 @@ from typing import Any
 from unittest.mock import AsyncMock, MagicMock
 
 import pytest
-from _tasks import Task, app_queueing, each_decorator, log_calls, request
+from _tasks import Task, app_queueing, each_decorator, log_calls, log_calls_without_wraps, request
 from conftest import task_spans
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -73,13 +73,28 @@ async def test_task_options_timeout_stays_with_the_function_it_was_given_to(
     def limited_inside() -> None:
         pass
 
+    @otel_bgtasks.task_options(timeout=20)
+    @log_calls_without_wraps
+    def limited_outside_plain() -> None:
+        pass
+
+    @log_calls_without_wraps
+    @otel_bgtasks.task_options(timeout=10)  # below a decorator that copies nothing: found through its closure
+    def limited_inside_plain() -> None:
+        pass
+
+    tasks: list[Task] = [(unlimited, ()), (limited_outside, ()), (limited_inside, ())]
+    tasks += [(limited_outside_plain, ()), (limited_inside_plain, ())]
     otel_bgtasks.instrument(tracer_provider=tracer_provider)
-    await request(app_queueing(lambda: [(unlimited, ()), (limited_outside, ()), (limited_inside, ())]))
+    await request(app_queueing(lambda: tasks))
 
     spans = spans_by_name(exporter)
     assert "background_task.timeout" not in spans[f"BackgroundTask {unlimited.__qualname__}"]
     assert spans[f"BackgroundTask {limited_outside.__qualname__}"]["background_task.timeout"] == 30
     assert spans[f"BackgroundTask {limited_inside.__qualname__}"]["background_task.timeout"] == 5
+    local = "test_task_options_timeout_stays_with_the_function_it_was_given_to.<locals>"
+    assert spans[f"BackgroundTask {local}.limited_outside_plain"]["background_task.timeout"] == 20
+    assert spans[f"BackgroundTask {local}.limited_inside_plain"]["background_task.timeout"] == 10
 
 
 class Job:
@@ -92,6 +107,26 @@ class Job:
 @functools.lru_cache(maxsize=16)
 def cached_lookup(key: str) -> str:
     return key.upper()
+
+
+class SessionFactory:
+    def __call__(self) -> None:
+        pass
+
+
+def run_with(factory: Callable[[], None]) -> Callable[..., None]:
+    def run(*args: Any, **kwargs: Any) -> None:  # a wrapper's shape, but it closes over an object it calls
+        factory()
+
+    return run
+
+
+class Notifier:
+    def send(self, user: str) -> None:
+        pass
+
+
+factory_task = run_with(SessionFactory())
 
 
 @pytest.mark.parametrize(
@@ -108,8 +143,22 @@ def cached_lookup(key: str) -> str:
         ),
         (AsyncMock(), (1,), "BackgroundTask AsyncMock", "unittest.mock.AsyncMock", None),
         (MagicMock(), (1,), "BackgroundTask MagicMock", "unittest.mock.MagicMock", None),
+        (
+            log_calls_without_wraps(Notifier().send),
+            ("ann",),
+            "BackgroundTask Notifier.send",
+            f"{__name__}.Notifier.send",
+            Notifier.send.__code__,
+        ),
+        (
+            factory_task,
+            (),
+            "BackgroundTask run_with.<locals>.run",
+            f"{__name__}.run_with.<locals>.run",
+            factory_task.__code__,
+        ),
     ],
-    ids=["builtin", "class", "lru_cache", "AsyncMock", "MagicMock"],
+    ids=["builtin", "class", "lru_cache", "AsyncMock", "MagicMock", "method-without-wraps", "closure-over-object"],
 )
 async def test_names_say_what_ran(
     tracer_provider: TracerProvider,
