@@ -908,9 +908,14 @@ def documented_sentry(events: list[Any]) -> list[Any]:
     return kept
 
 
+# What Starlette raises running an add_task(coroutine) / add_task(None) task: that task's failure.
+_MISUSE_FAILURE = ".TypeError: the first argument must be callable"
+
+
 def _is_task_failure(event: Any) -> bool:
     kind, values = event
-    return kind == "exception" and values[0].startswith((f"{TaskFailed.__module__}.TaskFailed: ", ".TimeoutError"))
+    failures = (f"{TaskFailed.__module__}.TaskFailed: ", ".TimeoutError")
+    return kind == "exception" and (values[0].startswith(failures) or values[0] == _MISUSE_FAILURE)
 
 
 def documented_timeout_chain(chain: Any) -> Any:

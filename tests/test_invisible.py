@@ -559,6 +559,12 @@ def test_one_sentry_event_for_add_task_of_a_coroutine(receiver: SentryReceiver) 
     assert len(after.sentry) == 1
 
 
+def test_add_task_of_a_coroutine_behind_base_http_is_one_sentry_event(receiver: SentryReceiver) -> None:
+    """Uninstrumented, behind BaseHTTPMiddleware, Sentry gets the task's TypeError twice; README: one event."""
+    reference, _ = compare(one(Unit("t0", "coroutine"), stack=("base_http",)), Options(), receiver)
+    assert len(reference.sentry) == 2
+
+
 @pytest.mark.xfail(strict=True, reason="new (issue 18 §7 harness): a nested BackgroundTasks' failure, two events")
 def test_one_sentry_event_for_a_failure_in_a_nested_background_tasks(receiver: SentryReceiver) -> None:
     compare(one(Unit("t0", "nested", fail="raise")), Options(), receiver)
