@@ -923,12 +923,19 @@ def documented_timeout_chain(chain: Any) -> Any:
 
     ``task_options(timeout=...)`` cancels the task and raises ``TimeoutError`` (README, Options); like
     ``asyncio.timeout`` and anyio's ``fail_after`` its context is the cancellation it made.
+    Anywhere in the chain: a middleware may translate the timeout into its own error (``from None``).
     """
-    if not isinstance(chain, list) or len(chain) < 2 or chain[0][0] != "builtins.TimeoutError":
+    if not isinstance(chain, list):
         return chain
-    if chain[1][0] == "asyncio.exceptions.CancelledError":
-        return [chain[0], *chain[2:]]
-    return chain
+    return [
+        link
+        for index, link in enumerate(chain)
+        if not (
+            index > 0
+            and link[0] == "asyncio.exceptions.CancelledError"
+            and chain[index - 1][0] == "builtins.TimeoutError"
+        )
+    ]
 
 
 def sentry_for_continue(reference: Observed, scenario: Scenario) -> list[Any]:

@@ -559,6 +559,11 @@ def test_one_sentry_event_for_add_task_of_a_coroutine(receiver: SentryReceiver) 
     assert len(after.sentry) == 1
 
 
+def test_timeout_translated_by_a_middleware() -> None:
+    """A task over its own timeout behind a middleware that raises its own error ``from None``."""
+    compare(one(Unit("t0", "slow"), stack=("translating",)), Options())
+
+
 def test_add_task_of_a_coroutine_behind_base_http_is_one_sentry_event(receiver: SentryReceiver) -> None:
     """Uninstrumented, behind BaseHTTPMiddleware, Sentry gets the task's TypeError twice; README: one event."""
     reference, _ = compare(one(Unit("t0", "coroutine"), stack=("base_http",)), Options(), receiver)
