@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import sys
 import threading
@@ -18,7 +19,7 @@ from otel_bgtasks import last_resort, request_metrics
 from otel_bgtasks.arguments import ArgumentCapture
 from otel_bgtasks.config import Options, differences, resolve
 from otel_bgtasks.contrib_fastapi import CONTRIB, ContribFastAPICoordinator, contrib_original_call
-from otel_bgtasks.guard import internal_error
+from otel_bgtasks.guard import capture_internal_exceptions, internal_error
 from otel_bgtasks.listeners import add_listener, remove_listener
 from otel_bgtasks.metrics import task_metrics
 from otel_bgtasks.package import _instruments  # pyright: ignore[reportPrivateUsage]
@@ -28,6 +29,7 @@ from otel_bgtasks.wrappers import TaskWrappers
 
 instrumentor_lock = threading.RLock()
 _logger = logging.getLogger("otel_bgtasks")
+_guard = capture_internal_exceptions()
 # BaseInstrumentor.instrument()'s own arguments, which opentelemetry-instrument passes.
 _BASE_INSTRUMENTOR_ARGUMENTS: Final = frozenset({"skip_dep_check", "raise_exception_on_conflict"})
 
@@ -39,6 +41,7 @@ _LAZY: Final = (_FASTAPI, CONTRIB)
 # if otel_bgtasks is instrumented when they fire.
 _hooks_registered = False
 _hooks_lock = threading.Lock()
+_exit_registered = False
 
 
 def watch_imports() -> None:
@@ -176,6 +179,10 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
             self._sentry = SentryForwarder(options.sentry, arguments)
             add_listener(self._sentry)
         wrappers = TaskWrappers(tracer_provider, task_metrics(meter_provider), options, arguments)
+        global _exit_registered
+        if not _exit_registered:  # once per process; after the app's providers in the usual set-up: see settle()
+            _exit_registered = True
+            atexit.register(self.settle)
         arm(wrappers.spans_recorded, spans_wanted=not isinstance(tracer_provider, NoOpTracerProvider))
         wrappers.bypass_call = contrib_original_call()
         self._wrappers = wrappers
@@ -198,6 +205,17 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
         """Send task spans to ``tracer_provider``, the app's request spans' own, unless one was given to us."""
         if self._wrappers is not None and tracer_provider is not None:
             self._wrappers.follow(tracer_provider)
+
+    def settle(self) -> None:
+        """Tell the tasks dropped in reference cycles that no garbage collection has freed yet (atexit).
+
+        Registered at the first ``instrument()``, usually after the application made its providers: atexit
+        runs it before their shutdown, whose last export then counts them.
+        """
+        wrappers = self._wrappers
+        if wrappers is not None:
+            with _guard:
+                wrappers.settle()
 
     def patch_lazy(self, module: ModuleType) -> None:
         """Patch FastAPI's or contrib's module, once imported, unless uninstrumented or patched already."""
@@ -224,6 +242,8 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
             self._contrib = None
         request_metrics.remove()
         if self._wrappers is not None:
+            with _guard:
+                self._wrappers.settle()  # a task dropped in a reference cycle is told while it can be
             self._wrappers.retired = True
             self._wrappers = None
         if self._sentry is not None:

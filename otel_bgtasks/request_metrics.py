@@ -36,7 +36,9 @@ Instead, what contrib *records* is adjusted, through its own instruments:
   the time from contrib's ``add(+1)`` to that moment, rounded as contrib does, rather than a rounded
   value less a time).
 
-A request that queues no task pays only the proxies' pass-through (benchmarks/results.md: per request).
+A request that queues no task pays the proxies' pass-through and its holder's ``ContextVar.set``, most of the
+cost: the variable makes each of the request's other context operations work on one key more
+(benchmarks/results.md: per request).
 Records made before the first task starts pass through untouched, so a contrib release that already
 ends these metrics at the response is measured as it measures itself: nothing to detect. Nested
 contrib middlewares (FastAPI's instrumentation and a user's own) each get a holder, chained, and all
@@ -89,6 +91,13 @@ _OWNER, _ATTRIBUTES, _OUTER, _STARTED, _ENDED, _FINISHED = range(6)
 # replaces it without linking to it, so nothing accumulates.
 _current: ContextVar[_Request | None] = ContextVar("otel_bgtasks_request_metrics", default=None)
 
+# Requests taken off the active count at their response whose add(-1) has not come yet: while there are
+# none, contrib's duration records pass on without looking for their request. A count, not a set of ids:
+# the set's add and discard cost the request that ran a task about as much as the lookup saved. Only a
+# hint: event loops in several threads could lose an update, and then one request's duration is recorded
+# as contrib records it (too low), or records look for their request as they did before (too high).
+_ended = 0
+
 
 def response_complete() -> None:
     """A task starts: if a Starlette response runs it, the response of the request (and of any outer one) is complete.
@@ -97,6 +106,7 @@ def response_complete() -> None:
     the route awaits itself (``await BackgroundTask(job)()`` before answering) runs before the response:
     it ends nothing, so the request stays active and its duration includes what follows.
     """
+    global _ended
     request = _current.get()
     checked = False
     while request is not None:
@@ -113,6 +123,7 @@ def response_complete() -> None:
             try:
                 request[_OWNER].__wrapped__.add(-1, request[_ATTRIBUTES])
                 request[_ENDED] = ended
+                _ended += 1
             except Exception as exc:
                 internal_error(exc)
         request = request[_OUTER]
@@ -218,6 +229,7 @@ class _ActiveRequests(_Instrument):
 
     def add(self, amount: Any, attributes: Any = None, context: Any = None) -> None:
         """Contrib's ``add(1, ...)`` at a request's start, ``add(-1, ...)`` at its end: the same ``attributes``."""
+        global _ended
         if amount == -1:
             request = _current.get()
             while request is not None and request[_OWNER] is not self:  # its own first; past it, nested ones
@@ -225,6 +237,7 @@ class _ActiveRequests(_Instrument):
             if request is not None and not request[_FINISHED]:
                 request[_FINISHED] = True
                 if request[_ENDED] is not None:
+                    _ended -= 1
                     return  # taken off at the response's end already
         elif amount == 1 and _installed is not None:
             current = _current.get()
@@ -248,14 +261,15 @@ class _Duration(_Instrument):
 
     def record(self, amount: Any, attributes: Any = None, context: Any = None) -> None:
         """Contrib's record in its ``finally``: after the tasks, its value less their time."""
-        request = _current.get()
-        while request is not None and request[_OWNER] is not self.owner:
-            request = request[_OUTER]
-        if request is not None and request[_ENDED] is not None and not request[_FINISHED]:
-            try:
-                amount = self._until_response(amount, request)
-            except Exception as exc:
-                internal_error(exc)
+        if _ended:
+            request = _current.get()
+            while request is not None and request[_OWNER] is not self.owner:
+                request = request[_OUTER]
+            if request is not None and request[_ENDED] is not None and not request[_FINISHED]:
+                try:
+                    amount = self._until_response(amount, request)
+                except Exception as exc:
+                    internal_error(exc)
         if context is None:
             self.__wrapped__.record(amount, attributes)
         else:

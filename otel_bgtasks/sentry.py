@@ -95,6 +95,10 @@ class SentryForwarder(TaskListener):
         if not client.is_active():
             return
         _add_processor_once()
+        # Already forwarded by the task that raised it: a BackgroundTasks run as a task of another fails with
+        # its failing task's exception. One event, naming the task that failed.
+        if error in forwarded:
+            return
         forwarded.add(error)
         event, hint = event_from_exception(
             error, client_options=client.options, mechanism={"type": MECHANISM, "handled": False}
@@ -283,9 +287,40 @@ def _is_duplicate(event: dict[str, Any], hint: dict[str, Any]) -> bool:
         return False
     if error in forwarded:
         return True
-    # Starlette's own wrapper, raised "from" ours and about nothing else. Any other exception whose
-    # chain holds ours is the app's own (a middleware translating it, a failing cleanup): it is reported.
-    return type(error) is RuntimeError and error.args == (_STARLETTE_WRAPPER,) and error.__cause__ in forwarded
+    # Any other exception whose chain holds ours is the app's own (a middleware translating it, a failing
+    # cleanup): it is reported. Only Starlette's own wrapper of ours is about nothing else.
+    if not _starlette_wrapper_of_forwarded(error):
+        return False
+    # Known by itself from now on: on its way out its links to ours may go. sentry-sdk's ASGI middleware
+    # captures it (here, first) and re-raises it ``from None``; anyio 3's task groups (BaseHTTPMiddleware's
+    # on Starlette 0.27) clear ``__context__``. A server's log record of it may come with neither.
+    forwarded.add(error)
+    return True
+
+
+def _starlette_wrapper_of_forwarded(error: BaseException) -> bool:
+    """Whether ``error`` is Starlette's "Caught handled exception" raised from a forwarded exception.
+
+    Starlette raises it ``from`` the exception a handler was found for. sentry-sdk's ASGI middleware
+    (2.0 and later) re-raises what it captured ``from None``, which erases that cause but not the context
+    the ``raise`` inside Starlette's ``except`` set. Known by its type, message and raise site, so the
+    app's own error (even with that message) chained to ours is reported, as uninstrumented.
+    """
+    if type(error) is not RuntimeError or error.args != (_STARLETTE_WRAPPER,) or not _raised_by_starlette(error):
+        return False
+    wrapped = error.__cause__ if error.__cause__ is not None else error.__context__
+    return wrapped in forwarded
+
+
+def _raised_by_starlette(error: BaseException) -> bool:
+    """Whether ``error`` was raised in Starlette's code: its traceback's innermost frame (propagation adds outside)."""
+    tb = error.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    module = tb.tb_frame.f_globals.get("__name__")
+    return isinstance(module, str) and module.split(".", 1)[0] == "starlette"
 
 
 def _our_report(record: logging.LogRecord) -> bool:

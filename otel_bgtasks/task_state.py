@@ -103,8 +103,9 @@ class TaskState:
             coroutine = None if self.coroutine is None else self.coroutine()
             if coroutine is not None:
                 close_if_unheld(coroutine)
-            # If it never ran, nobody else will ever say so; add_task(coroutine) was told at the call.
-            if not self.settled and self.problem is None and self.on_drop is not None:
+            # If it never ran, nobody else will ever say so. add_task(coroutine) too: told at the call, it is
+            # counted dropped all the same (one outcome per task), without a second report.
+            if not self.settled and self.on_drop is not None:
                 self.settled = True
                 self.on_drop.task_dropped(self)
 

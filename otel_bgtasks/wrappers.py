@@ -12,6 +12,7 @@ listeners (listeners.py) and logged; this module knows nothing of who listens.
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import logging
 import sys
@@ -169,7 +170,10 @@ class TaskWrappers:
         if inspect.iscoroutine(func):
             state.coroutine = weakref.ref(func)
         state.problem = problem
-        if not self._options.strict:
+        if self._options.strict:
+            # Refused (init_task raises): the app gets no task; the TypeError is its whole story, not an outcome.
+            state.settled = True
+        else:
             _logger.error("%s (at %s)", problem, state.site)
         for listener in listeners.active:
             with _guard:
@@ -180,15 +184,38 @@ class TaskWrappers:
         return problem
 
     def task_dropped(self, state: TaskState) -> None:
-        """A task this instrumentation saw made was garbage-collected without running (TaskState.__del__)."""
+        """A task this instrumentation saw made was freed without running (the weak reference's callback).
+
+        Counted ``dropped`` whatever it was given: a task that could never run (``add_task(coroutine)``)
+        and was never attached has that one outcome too. Its mistake was reported at the ``add_task``
+        call, to the log and the listeners: it is not reported a second time.
+        """
         if self.retired:
             return
         execution = semconv.EXECUTION_ASYNC if state.is_async else semconv.EXECUTION_THREADPOOL
         self._metrics.count(state.names.function_name, execution, semconv.OUTCOME_DROPPED)
+        if state.problem is not None:
+            return
         report_dropped(state.names.function_name, state.site)
         for listener in listeners.active:
             with _guard:
                 listener.task_dropped(state)
+
+    def settle(self) -> None:
+        """Tell the tasks that lie unreachable in reference cycles, before this instrumentation retires.
+
+        A task that holds its own ``BackgroundTasks`` (``add_task(job, tasks=tasks)``) is freed, and known
+        dropped, only when Python's cyclic garbage collector runs, which may be much later. Once retired,
+        a task freed unrun is not counted (it may have run unseen, through Starlette's own code): so if a
+        task this instrumentation saw made is still untold, collect garbage now. Nothing to collect, no
+        collection.
+        """
+        try:
+            untold = any(state.on_drop is self and not state.settled for state in list(states.values()))
+        except RuntimeError:  # the dictionary changed while copied (another thread, a weak reference's callback)
+            untold = True
+        if untold:
+            gc.collect()
 
     # -- execution --------------------------------------------------------------------------------
 

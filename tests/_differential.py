@@ -807,8 +807,8 @@ def run_arm(
             if options is not None:
                 otel_bgtasks.uninstrument()
             if scenario.framework == "fastapi_contrib":
-                # Contrib's instrument_app() patches BackgroundTask.__call__ for the whole process: left
-                # there, every later arm (uninstrumented ones too) would run its tasks under contrib's span.
+                # Its patch of BackgroundTask.__call__ is process-wide and outlives the app: undone, so that the
+                # next arm, uninstrumented or not, starts from plain Starlette (test_task_dying_with_its_loop_...).
                 FastAPIInstrumentor.uninstrument_app(inner)
         del app, inner
     assert_starlette_untouched()
@@ -908,22 +908,28 @@ def documented_sentry(events: list[Any]) -> list[Any]:
     return kept
 
 
-# What Starlette raises running an add_task(coroutine) / add_task(None) task: that task's failure.
-_MISUSE_FAILURE = ".TypeError: the first argument must be callable"
+# What a task fails with here: its own error, a timeout, or Starlette's TypeError for add_task(coro()) / (None)
+# (Starlette 0.27 calls what it was given: "'coroutine' object is not callable").
+_TASK_FAILURES = (
+    f"{TaskFailed.__module__}.TaskFailed: ",
+    ".TimeoutError",
+    ".TypeError: the first argument must be callable",
+    ".TypeError: 'coroutine' object is not callable",
+    ".TypeError: 'NoneType' object is not callable",
+)
 
 
 def _is_task_failure(event: Any) -> bool:
     kind, values = event
-    failures = (f"{TaskFailed.__module__}.TaskFailed: ", ".TimeoutError")
-    return kind == "exception" and (values[0].startswith(failures) or values[0] == _MISUSE_FAILURE)
+    return kind == "exception" and values[0].startswith(_TASK_FAILURES)
 
 
 def documented_timeout_chain(chain: Any) -> Any:
     """An exception chain without the ``CancelledError`` a timeout's ``TimeoutError`` carries as context.
 
     ``task_options(timeout=...)`` cancels the task and raises ``TimeoutError`` (README, Options); like
-    ``asyncio.timeout`` and anyio's ``fail_after`` its context is the cancellation it made.
-    Anywhere in the chain: a middleware may translate the timeout into its own error (``from None``).
+    ``asyncio.timeout`` and anyio's ``fail_after`` its context is the cancellation it made. Wherever the
+    ``TimeoutError`` sits in the chain: an outer middleware may translate it into the app's own error.
     """
     if not isinstance(chain, list):
         return chain

@@ -15,18 +15,22 @@ from typing import Any
 import httpx
 import pytest
 import sentry_sdk
+import starlette
 from _servers import serving
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask, BackgroundTasks
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 from test_sentry import EnvelopeReceiver, init_sentry
 
 import otel_bgtasks
 from otel_bgtasks import sentry
+
+OLD_STARLETTE = int(starlette.__version__.split(".")[0]) < 1
 
 
 class CardDeclined(Exception):
@@ -57,13 +61,21 @@ def receiver() -> Iterator[EnvelopeReceiver]:
     receiver.close()
 
 
-def starlette_app(queue: Callable[[BackgroundTasks], None]) -> Starlette:
+def starlette_app(queue: Callable[[BackgroundTasks], None], *, handled: type[Exception] | None = None) -> Starlette:
+    """One route that queues tasks; optionally an exception handler for ``handled``."""
+
     async def place_order(request: Request) -> JSONResponse:
         tasks = BackgroundTasks()
         queue(tasks)
         return JSONResponse({"order": 7}, background=tasks)
 
-    return Starlette(routes=[Route("/orders/7", place_order, methods=["POST"])])
+    async def handle(request: Request, exc: Exception) -> PlainTextResponse:
+        return PlainTextResponse("declined", status_code=402)
+
+    return Starlette(
+        routes=[Route("/orders/7", place_order, methods=["POST"])],
+        exception_handlers={handled: handle} if handled is not None else {},
+    )
 
 
 def events_of(
@@ -166,31 +178,145 @@ def test_app_error_raised_while_a_failure_propagates_reaches_sentry(
     assert app_errors == [types for types in bare_types if types[-1] == app_error]
 
 
-def test_starlette_wrapper_of_another_exception_is_reported(tracer_provider: TracerProvider) -> None:
-    """Only Starlette's "Caught handled exception" raised from the forwarded exception itself is a duplicate."""
+class Outer:
+    """A plain ASGI middleware around a Starlette app served by uvicorn.
+
+    uvicorn calls the app with no arguments to detect a factory; sentry-sdk 2.0's ``Starlette.__call__``
+    patch takes any arguments and returns a coroutine instead of raising TypeError, so a bare Starlette
+    app fails to start on uvicorn 0.23 once Sentry's Starlette integration was set up (uninstrumented too).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
+@both_integrations
+def test_failure_in_a_nested_background_tasks_is_one_event(
+    receiver: EnvelopeReceiver, tracer_provider: TracerProvider, framework_integrations: bool
+) -> None:
+    """A BackgroundTasks queued as a task of another: its failing task's exception fails the outer task too."""
+
+    def queue(tasks: BackgroundTasks) -> None:
+        inner = BackgroundTasks()
+        inner.add_task(int)
+        inner.add_task(charge, "4000000000000002")
+        tasks.add_task(inner)
+
+    app = Outer(starlette_app(queue))
+    bare = events_of(receiver, app, tracer_provider, instrumented=False, framework_integrations=framework_integrations)
+    ours = events_of(receiver, app, tracer_provider, instrumented=True, framework_integrations=framework_integrations)
+
+    assert [exception_types(e) for e in bare] == [["CardDeclined"]]
+    (event,) = ours  # the task that failed, not the BackgroundTasks that ran it
+    assert exception_types(event) == ["CardDeclined"]
+    assert event["tags"]["background_task"] == "charge"
+    assert event["transaction"] == "BackgroundTask charge"
+
+
+async def _passing(request: Request, call_next: RequestResponseEndpoint) -> Response:
+    return await call_next(request)
+
+
+@both_integrations
+def test_handled_task_failure_is_one_event(
+    receiver: EnvelopeReceiver, tracer_provider: TracerProvider, framework_integrations: bool
+) -> None:
+    """A handler for the task's error: Starlette re-raises it as "Caught handled exception" (``from`` it).
+
+    uvicorn logs that wrapper. Sentry's Starlette integration captures it in its ASGI middleware and
+    re-raises it ``from None``, erasing the cause; under an outer ``BaseHTTPMiddleware`` that capture
+    happens in the middleware's own task, whose context hides it from Sentry's DedupeIntegration:
+    uninstrumented, uvicorn's log record is a second event, of the wrapper alone.
+    """
+    app = BaseHTTPMiddleware(
+        starlette_app(lambda tasks: tasks.add_task(charge, "4000000000000002"), handled=CardDeclined),
+        dispatch=_passing,
+    )
+    bare = events_of(receiver, app, tracer_provider, instrumented=False, framework_integrations=framework_integrations)
+    ours = events_of(receiver, app, tracer_provider, instrumented=True, framework_integrations=framework_integrations)
+
+    wrapped = ["CardDeclined", "RuntimeError"]
+    if not OLD_STARLETTE:  # 0.27's BaseHTTPMiddleware does not re-raise a failure after the response: no log record
+        assert [exception_types(e) for e in bare] == (
+            [wrapped, ["RuntimeError"]] if framework_integrations else [wrapped]
+        )
+    (event,) = ours
+    assert exception_types(event) == ["CardDeclined"]
+    assert event["tags"]["background_task"] == "charge"
+
+
+def starlette_wrapper(error: Exception) -> RuntimeError:
+    """Starlette's own "Caught handled exception" for ``error``: a task raises it, and a handler was set for it."""
+
+    def task() -> None:
+        raise error
+
+    app = starlette_app(lambda tasks: tasks.add_task(task), handled=type(error))
+
+    async def post() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            await client.post("/orders/7")
+
+    with pytest.raises(RuntimeError) as raised:
+        asyncio.run(post())
+    assert raised.value.__context__ is error
+    return raised.value
+
+
+def raised_while_handling(error: Exception, message: str, *, from_none: bool) -> RuntimeError:
+    """The app's own error, raised in an ``except`` that caught ``error``."""
     try:
-        raise CardDeclined("0002")
+        raise error
     except CardDeclined as exc:
-        error = exc
+        try:
+            if from_none:
+                raise RuntimeError(message) from None
+            raise RuntimeError(message) from exc
+        except RuntimeError as own:
+            return own
+    raise AssertionError("unreachable")
+
+
+def test_only_starlettes_wrapper_of_the_forwarded_exception_is_a_duplicate() -> None:
+    """Starlette's "Caught handled exception" raised from the forwarded exception, whatever links it keeps.
+
+    Not a wrapper of another exception, nor the app's own error chained to the forwarded one, even with
+    Starlette's message.
+    """
+    error, erased = CardDeclined("0002"), CardDeclined("0004")
+    wrapper, wrapper_of_erased = starlette_wrapper(error), starlette_wrapper(erased)
+    other = starlette_wrapper(CardDeclined("0003"))
     sentry.forwarded.add(error)
-    try:
-        raise RuntimeError("Caught handled exception, but response already started.") from error
-    except RuntimeError as exc:
-        wrapper = exc
-    try:
-        raise RuntimeError("Caught handled exception, but response already started.") from CardDeclined("0003")
-    except RuntimeError as exc:
-        other = exc
-    try:
-        raise RuntimeError("the app's own message") from error
-    except RuntimeError as exc:
-        own = exc
+    sentry.forwarded.add(erased)
 
     def duplicate(exc: BaseException) -> bool:
         return sentry._is_duplicate({}, {"exc_info": (type(exc), exc, exc.__traceback__)})  # pyright: ignore[reportPrivateUsage]
 
+    # As Starlette raised it: sentry-sdk's ASGI middleware, patched into Starlette by an earlier test, erases it.
+    wrapper.__cause__ = error
     assert duplicate(error) and duplicate(wrapper)
-    assert not duplicate(other) and not duplicate(own)
+    assert not duplicate(other)
+    # Re-raised from None, as sentry-sdk's ASGI middleware does with what it captured: the context is left.
+    try:
+        raise wrapper_of_erased from None
+    except RuntimeError:
+        pass
+    assert wrapper_of_erased.__cause__ is None and wrapper_of_erased.__context__ is erased
+    assert duplicate(wrapper_of_erased)
+    # And the context cleared too, as anyio 3's task groups do: the wrapper seen before is known by itself.
+    for seen in (wrapper, other):
+        seen.__cause__ = seen.__context__ = None
+    assert duplicate(wrapper)
+    assert not duplicate(other)
+    own = [
+        raised_while_handling(error, message, from_none=from_none)
+        for message in (wrapper.args[0], "the app's own message")
+        for from_none in (False, True)
+    ]
+    assert [duplicate(exc) for exc in own] == [False] * 4
 
 
 class Interrupt(KeyboardInterrupt):

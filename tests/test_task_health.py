@@ -6,6 +6,7 @@ import asyncio
 import gc
 import inspect
 import logging
+import subprocess
 import sys
 import threading
 import time
@@ -457,18 +458,113 @@ async def test_dropped_tasks_are_counted_and_logged(
     assert outcomes == {(f"{__name__}.ok", "threadpool", "dropped"): 1, (f"{__name__}.never", "async", "dropped"): 1}
 
 
-async def test_a_task_that_can_never_run_is_told_once_not_also_dropped(
+async def test_a_task_that_can_never_run_is_told_once_and_counted_dropped(
     instrument: Any, reader: InMemoryMetricReader, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """``add_task(non_callable)`` is an ERROR at the call; freed unrun, no "never run" WARNING and no dropped count."""
+    """``add_task(non_callable)``, never attached: an ERROR at the call, no "never run" WARNING, one outcome.
+
+    Every task has exactly one outcome (issue 18): run, it is an ``error`` (Starlette's TypeError); left unrun
+    after a failure, ``skipped``; freed unrun, ``dropped``, its mistake already told at the call.
+    """
     instrument()
     with caplog.at_level(logging.WARNING, logger="otel_bgtasks"):
         tasks = BackgroundTasks()
         tasks.add_task({"not": "callable"})  # type: ignore[arg-type]
+        tasks.add_task(send_email("c@example.com"))  # type: ignore[arg-type]
         del tasks
         gc.collect()
-    assert [r.levelname for r in caplog.records if r.name == "otel_bgtasks"] == ["ERROR"]
-    assert reader.get_metrics_data() is None  # nothing counted: no dropped task (and no other point)
+    assert [r.levelname for r in caplog.records if r.name == "otel_bgtasks"] == ["ERROR", "ERROR"]
+    assert counts(reader, "background_task.outcomes") == {
+        ("dict", "threadpool", "dropped"): 1,
+        ("send_email", "threadpool", "dropped"): 1,
+    }
+
+
+async def test_a_task_refused_in_strict_mode_has_no_outcome(
+    instrument: Any, reader: InMemoryMetricReader, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``strict=True``: ``add_task`` raises, the app gets no task; the TypeError is the whole story."""
+    instrument(strict=True)
+    with caplog.at_level(logging.WARNING, logger="otel_bgtasks"):
+        tasks = BackgroundTasks()
+        with pytest.raises(TypeError, match="not callable"):
+            tasks.add_task({"not": "callable"})  # type: ignore[arg-type]
+        del tasks
+        gc.collect()
+    assert "never run" not in caplog.text
+    assert reader.get_metrics_data() is None
+
+
+async def adds_a_follow_up(tasks: BackgroundTasks) -> None:
+    tasks.add_task(ok)
+
+
+async def test_a_task_dropped_in_a_reference_cycle_is_counted_by_uninstrument(
+    instrument: Any, reader: InMemoryMetricReader, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``add_task(job, tasks=tasks)``, never attached: the task holds its BackgroundTasks, a reference cycle.
+
+    Freed, and so known dropped, only when the cyclic garbage collector runs (here: never on its own). Once
+    uninstrumented, a task freed unrun is not counted (it may have run unseen): uninstrument() collects first.
+    """
+    instrument()
+    gc.disable()  # no automatic collection: only otel_bgtasks' own frees the cycle
+    try:
+        with caplog.at_level(logging.WARNING, logger="otel_bgtasks"):
+            tasks = BackgroundTasks()
+            tasks.add_task(adds_a_follow_up, tasks=tasks)
+            del tasks
+            assert reader.get_metrics_data() is None  # not known dropped yet: nothing is
+            otel_bgtasks.uninstrument()
+    finally:
+        gc.enable()
+    assert counts(reader, "background_task.outcomes") == {("adds_a_follow_up", "async", "dropped"): 1}
+    (message,) = [r.getMessage() for r in caplog.records if "was never run" in r.getMessage()]
+    assert f"{__name__}.adds_a_follow_up was never run" in message
+
+
+_DROPPED_AT_EXIT = """
+import gc
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, PeriodicExportingMetricReader
+from starlette.background import BackgroundTasks
+import otel_bgtasks
+
+class Outcomes(MetricExporter):
+    def export(self, metrics_data, timeout_millis=10_000, **kwargs):
+        for resource in metrics_data.resource_metrics:
+            for scope in resource.scope_metrics:
+                for metric in scope.metrics:
+                    if metric.name == "background_task.outcomes":
+                        for point in metric.data.data_points:
+                            print(point.attributes["background_task.outcome"], point.value, flush=True)
+        return MetricExportResult.SUCCESS
+
+    def force_flush(self, timeout_millis=10_000):
+        return True
+
+    def shutdown(self, timeout_millis=30_000, **kwargs):
+        pass
+
+provider = MeterProvider([PeriodicExportingMetricReader(Outcomes(), export_interval_millis=3_600_000)])
+otel_bgtasks.instrument(meter_provider=provider)
+
+async def adds_a_follow_up(tasks):
+    pass
+
+gc.disable()  # no collection before exit: the cycle below is freed by nobody but otel_bgtasks
+tasks = BackgroundTasks()
+tasks.add_task(adds_a_follow_up, tasks=tasks)
+del tasks
+"""
+
+
+def test_a_task_dropped_in_a_reference_cycle_is_in_the_last_export_at_exit() -> None:
+    """At exit, before the provider's own shutdown exports a last time, the cycle is collected and counted."""
+    done = subprocess.run([sys.executable, "-c", _DROPPED_AT_EXIT], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["dropped", "1"], done.stderr
+    assert "__main__.adds_a_follow_up was never run" in done.stderr  # logging.lastResort: no handler configured
 
 
 async def test_tasks_that_ran_or_were_skipped_are_not_dropped(
