@@ -144,15 +144,20 @@ def instrument(
     )
     from otel_bgtasks.instrumentor import BackgroundTasksInstrumentor, instrumentor_lock
     from otel_bgtasks.request_metrics import equip
-    from otel_bgtasks.request_spans import ensure_request_spans, request_tracer_provider
+    from otel_bgtasks.request_spans import ensure_request_spans, native_tracer_provider, traced_with_an_unseen_provider
+    from otel_bgtasks.setup_checks import note_unseen_provider
 
     instrumentor = BackgroundTasksInstrumentor()
     instrumentor.instrument(tracer_provider=tracer_provider, meter_provider=meter_provider, **options)
     if app is None:
         return app
     with instrumentor_lock:
-        # FastAPI(telemetry={"tracer_provider": ...}), or contrib's instrument_app(app, tracer_provider=...) before
-        instrumentor.follow(request_tracer_provider(app))
+        instrumentor.follow(native_tracer_provider(app))  # FastAPI(telemetry={"tracer_provider": ...})
+        if traced_with_an_unseen_provider(app):  # OpenTelemetryMiddleware(app, tracer_provider=...) made earlier
+            note_unseen_provider(
+                "an OpenTelemetryMiddleware in the app was made before otel_bgtasks.instrument(app) and keeps only "
+                "a tracer"
+            )
     equip(app)  # an OpenTelemetryMiddleware made before instrument(), around the app or in its built stack
     return ensure_request_spans(app, tracer_provider, meter_provider)
 

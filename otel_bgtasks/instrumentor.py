@@ -23,8 +23,9 @@ from otel_bgtasks.guard import capture_internal_exceptions, internal_error
 from otel_bgtasks.listeners import add_listener, remove_listener
 from otel_bgtasks.metrics import task_metrics
 from otel_bgtasks.package import _instruments  # pyright: ignore[reportPrivateUsage]
+from otel_bgtasks.request_spans import traces_with_a_given_provider
 from otel_bgtasks.sentry import SentryForwarder, sentry_installed
-from otel_bgtasks.setup_checks import arm
+from otel_bgtasks.setup_checks import arm, note_unseen_provider
 from otel_bgtasks.wrappers import TaskWrappers
 
 instrumentor_lock = threading.RLock()
@@ -194,8 +195,7 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
         wrap_function_wrapper(background, "BackgroundTasks.__call__", wrappers.call_tasks)
         wrap_function_wrapper(background, "run_in_threadpool", wrappers.run_in_threadpool)
         self._contrib.install()
-        if options.request_metrics_end_at_response:
-            request_metrics.install()
+        request_metrics.install(self._follow_middleware, options.request_metrics_end_at_response)
         for name in _LAZY:
             if name in sys.modules:
                 self.patch_lazy(sys.modules[name])
@@ -205,6 +205,16 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):
         """Send task spans to ``tracer_provider``, the app's request spans' own, unless one was given to us."""
         if self._wrappers is not None and tracer_provider is not None:
             self._wrappers.follow(tracer_provider)
+
+    def _follow_middleware(self, tracer_provider: Any, middleware: Any) -> None:
+        """An ``OpenTelemetryMiddleware`` made while instrumented: task spans follow the provider it was given."""
+        if tracer_provider is not None:
+            self.follow(tracer_provider)
+        elif traces_with_a_given_provider(middleware):  # given a tracer: contrib's instrument_app() (0.48b0 on)
+            note_unseen_provider(
+                "contrib's instrument_app(), called before otel_bgtasks.instrument(), hands its "
+                "OpenTelemetryMiddleware a tracer, not the provider"
+            )
 
     def settle(self) -> None:
         """Tell the tasks dropped in reference cycles that no garbage collection has freed yet (atexit).

@@ -36,7 +36,13 @@ Instead, what contrib *records* is adjusted, through its own instruments:
   the time from contrib's ``add(+1)`` to that moment, rounded as contrib does, rather than a rounded
   value less a time).
 
-A request that queues no task pays only the proxies' pass-through (benchmarks/results.md: per request).
+The same wrapper of ``__init__`` (installed with or without ``request_metrics_end_at_response``) tells the
+instrumentor the ``tracer_provider`` each new instance was given: task spans follow it, as the instance
+keeps only a tracer made from it.
+
+A request that queues no task pays the proxies' pass-through and its holder's ``ContextVar.set``, most of the
+cost: the variable makes each of the request's other context operations work on one key more
+(benchmarks/results.md: per request).
 Records made before the first task starts pass through untouched, so a contrib release that already
 ends these metrics at the response is measured as it measures itself: nothing to detect. Nested
 contrib middlewares (FastAPI's instrumentation and a user's own) each get a holder, chained, and all
@@ -52,7 +58,7 @@ import inspect
 import logging
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from timeit import default_timer
 from types import CodeType, FrameType
@@ -89,6 +95,13 @@ _OWNER, _ATTRIBUTES, _OUTER, _STARTED, _ENDED, _FINISHED = range(6)
 # replaces it without linking to it, so nothing accumulates.
 _current: ContextVar[_Request | None] = ContextVar("otel_bgtasks_request_metrics", default=None)
 
+# Requests taken off the active count at their response whose add(-1) has not come yet: while there are
+# none, contrib's duration records pass on without looking for their request. A count, not a set of ids:
+# the set's add and discard cost the request that ran a task about as much as the lookup saved. Only a
+# hint: event loops in several threads could lose an update, and then one request's duration is recorded
+# as contrib records it (too low), or records look for their request as they did before (too high).
+_ended = 0
+
 
 def response_complete() -> None:
     """A task starts: if a Starlette response runs it, the response of the request (and of any outer one) is complete.
@@ -97,6 +110,7 @@ def response_complete() -> None:
     the route awaits itself (``await BackgroundTask(job)()`` before answering) runs before the response:
     it ends nothing, so the request stays active and its duration includes what follows.
     """
+    global _ended
     request = _current.get()
     checked = False
     while request is not None:
@@ -113,6 +127,7 @@ def response_complete() -> None:
             try:
                 request[_OWNER].__wrapped__.add(-1, request[_ATTRIBUTES])
                 request[_ENDED] = ended
+                _ended += 1
             except Exception as exc:
                 internal_error(exc)
         request = request[_OUTER]
@@ -218,6 +233,7 @@ class _ActiveRequests(_Instrument):
 
     def add(self, amount: Any, attributes: Any = None, context: Any = None) -> None:
         """Contrib's ``add(1, ...)`` at a request's start, ``add(-1, ...)`` at its end: the same ``attributes``."""
+        global _ended
         if amount == -1:
             request = _current.get()
             while request is not None and request[_OWNER] is not self:  # its own first; past it, nested ones
@@ -225,6 +241,7 @@ class _ActiveRequests(_Instrument):
             if request is not None and not request[_FINISHED]:
                 request[_FINISHED] = True
                 if request[_ENDED] is not None:
+                    _ended -= 1
                     return  # taken off at the response's end already
         elif amount == 1 and _installed is not None:
             current = _current.get()
@@ -248,14 +265,15 @@ class _Duration(_Instrument):
 
     def record(self, amount: Any, attributes: Any = None, context: Any = None) -> None:
         """Contrib's record in its ``finally``: after the tasks, its value less their time."""
-        request = _current.get()
-        while request is not None and request[_OWNER] is not self.owner:
-            request = request[_OUTER]
-        if request is not None and request[_ENDED] is not None and not request[_FINISHED]:
-            try:
-                amount = self._until_response(amount, request)
-            except Exception as exc:
-                internal_error(exc)
+        if _ended:
+            request = _current.get()
+            while request is not None and request[_OWNER] is not self.owner:
+                request = request[_OUTER]
+            if request is not None and request[_ENDED] is not None and not request[_FINISHED]:
+                try:
+                    amount = self._until_response(amount, request)
+                except Exception as exc:
+                    internal_error(exc)
         if context is None:
             self.__wrapped__.record(amount, attributes)
         else:
@@ -294,10 +312,17 @@ def _equip_one(instance: Any) -> None:
 
 
 def _init_middleware(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """``OpenTelemetryMiddleware.__init__``: contrib's, then the proxies on the instance it made."""
+    """``OpenTelemetryMiddleware.__init__``: contrib's, then task spans follow its provider, and the proxies."""
     wrapped(*args, **kwargs)
-    if _installed:
-        with capture_internal_exceptions():
+    with capture_internal_exceptions():
+        follow = _follow
+        if follow is not None:
+            # The instance keeps only a tracer: its provider is seen here, as an argument, or never.
+            provider = kwargs.get("tracer_provider")
+            if provider is None and len(args) > 1:
+                provider = inspect.signature(wrapped).bind(*args, **kwargs).arguments.get("tracer_provider")
+            follow(provider, instance)
+        if _installed:
             _equip_one(instance)
 
 
@@ -309,47 +334,68 @@ def equip(app: Any) -> None:
     with capture_internal_exceptions():
         if _installed is None:
             return
-        seen: set[int] = set()
-        pending = [app]
-        while pending and len(seen) < 64:
-            current = pending.pop()
-            if current is None or id(current) in seen:
-                continue
-            seen.add(id(current))
-            if isinstance(current, _installed):
-                _equip_one(current)
-            for name in ("app", "middleware_stack"):
-                inner: Any = getattr(current, "__dict__", {}).get(name)
-                if inner is not None:
-                    pending.append(inner)
+        for middleware in contrib_middlewares(app):
+            _equip_one(middleware)
+
+
+def contrib_middlewares(app: Any) -> Iterator[Any]:
+    """Contrib's ``OpenTelemetryMiddleware`` instances in ``app``: itself, those it wraps, and in its built stack.
+
+    Follows ``app``'s ``.app`` and Starlette's built ``middleware_stack``, a few levels deep.
+    """
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware  # pyright: ignore[reportMissingTypeStubs]
+
+    seen: set[int] = set()
+    pending = [app]
+    while pending and len(seen) < 64:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OpenTelemetryMiddleware):
+            yield current
+        for name in ("app", "middleware_stack"):
+            inner: Any = getattr(current, "__dict__", {}).get(name)
+            if inner is not None:
+                pending.append(inner)
 
 
 _lock = threading.Lock()
-_installed: type | None = None  # contrib's middleware class, while its __init__ is wrapped
+_wrapped: type | None = None  # contrib's middleware class, while its __init__ is wrapped
+_installed: type | None = None  # the same, while request metrics end at the response
+_follow: Callable[[Any, Any], None] | None = None  # the instrumentor's, given each new instance and its provider
 
 
-def install() -> None:
-    """Make contrib's request metrics end with the response, for the middleware instances made from now on."""
-    global _installed, _response_codes, _response_call_ids
+def install(follow: Callable[[Any, Any], None], end_at_response: bool) -> None:
+    """Watch contrib's middleware instances made from now on: task spans follow the provider each is given.
+
+    Args:
+        follow: called with the ``tracer_provider`` each new instance was given (``None`` if none) and the instance.
+        end_at_response: also make their request metrics end with the response.
+    """
+    global _wrapped, _installed, _follow, _response_codes, _response_call_ids
     with _lock, capture_internal_exceptions():
-        if _installed is not None:
-            return
         from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware  # pyright: ignore[reportMissingTypeStubs]
 
+        _follow = follow
+        if _wrapped is None:
+            wrap_function_wrapper(OpenTelemetryMiddleware, "__init__", _init_middleware)
+            _wrapped = OpenTelemetryMiddleware
+        if not end_at_response or _installed is not None:
+            return
         if not _api_signatures_known():
             _logger.debug("the metrics API's add/record take other parameters: request metrics left as they are")
             return
         _response_codes = _response_calls()
         _response_call_ids = frozenset(map(id, _response_codes))
-        wrap_function_wrapper(OpenTelemetryMiddleware, "__init__", _init_middleware)
         _installed = OpenTelemetryMiddleware
 
 
 def remove() -> None:
     """Undo :func:`install`. Instances keep their proxies, which start no new request once removed."""
-    global _installed
+    global _wrapped, _installed, _follow
     with _lock, capture_internal_exceptions():
-        middleware, _installed = _installed, None
+        middleware, _wrapped, _installed, _follow = _wrapped, None, None, None
         if middleware is None:
             return
         # Only our own wrapper: unwrap() would take off another library's wrapped over ours (ours then passes through).

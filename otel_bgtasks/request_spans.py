@@ -35,28 +35,6 @@ def native_tracer_provider(app: Any) -> trace.TracerProvider | None:
     return provider if isinstance(provider, trace.TracerProvider) else None
 
 
-def request_tracer_provider(app: Any) -> trace.TracerProvider | None:
-    """The tracer provider ``app``'s request spans go to, where the app says so before ``instrument(app)``.
-
-    FastAPI's native telemetry's, or the one given to an ``OpenTelemetryMiddleware`` already in the app's
-    middleware list: contrib's ``instrument_app(app, tracer_provider=...)`` called before, which the watch on
-    ``instrument_app`` (``contrib_fastapi``) cannot see. Starlette keeps a middleware's keyword arguments in
-    ``kwargs`` (``options`` before 0.35).
-    """
-    native = native_tracer_provider(app)
-    if native is not None:
-        return native
-    for middleware in getattr(app, "user_middleware", ()):
-        cls = getattr(middleware, "cls", None)
-        if not (isinstance(cls, type) and issubclass(cls, OpenTelemetryMiddleware)):
-            continue
-        options = getattr(middleware, "kwargs", getattr(middleware, "options", None))
-        provider = options.get("tracer_provider") if isinstance(options, dict) else None  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
-        if isinstance(provider, trace.TracerProvider):
-            return provider
-    return None
-
-
 def has_request_spans(app: Any) -> bool:
     """Whether requests to ``app`` already get spans: from an ASGI middleware, contrib's instrumentors or FastAPI."""
     if isinstance(app, OpenTelemetryMiddleware) or getattr(app, "_is_instrumented_by_opentelemetry", False):
@@ -105,3 +83,21 @@ def withdraw_request_spans(app: Any) -> None:
     if entry is None or not isinstance(middleware, list) or getattr(app, "middleware_stack", None) is not None:
         return
     middleware[:] = [item for item in middleware if item is not entry]  # pyright: ignore[reportUnknownVariableType]
+
+
+def traces_with_a_given_provider(middleware: Any) -> bool:
+    """Whether a contrib middleware traces with a provider it was given, or the global SDK's: not the API's.
+
+    Given none while no SDK is set, it holds the API's ``ProxyTracer`` (or a no-op tracer). It keeps only a
+    tracer: its provider is seen as an argument, by ``request_metrics``' wrapper of ``__init__``, or never
+    (the SDK's tracer names its provider nowhere public; its constructor changed across SDK releases).
+    """
+    tracer = getattr(middleware, "tracer", None)
+    return tracer is not None and not isinstance(tracer, (trace.ProxyTracer, trace.NoOpTracer))
+
+
+def traced_with_an_unseen_provider(app: Any) -> bool:
+    """Whether a contrib middleware in ``app``, made before ``instrument()``, may trace with a provider unseen."""
+    from otel_bgtasks.request_metrics import contrib_middlewares
+
+    return any(traces_with_a_given_provider(middleware) for middleware in contrib_middlewares(app))

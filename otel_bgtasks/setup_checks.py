@@ -1,7 +1,9 @@
 """Two set-up mistakes that leave task spans unseen or alone, each said once, when the first task starts.
 
-Both are silent otherwise: with no SDK (and no provider given to otel_bgtasks, FastAPI's native telemetry
-or contrib's ``instrument_app()``, which task spans follow), every span goes nowhere; with nothing tracing the requests
+Both are silent otherwise: with no SDK (and no provider given to otel_bgtasks, FastAPI's native telemetry,
+contrib's ``instrument_app()`` or an ``OpenTelemetryMiddleware`` made after ``instrument()``, which task spans
+follow), task spans go nowhere, and so do request spans unless their middleware was handed a provider
+otel_bgtasks cannot see (then said as such: :data:`UNSEEN_PROVIDER`); with nothing tracing the requests
 (a plain Starlette app under ``opentelemetry-instrument`` without the Starlette instrumentation), each
 task span is the root of a trace of its own. The first task tells: after it, checking costs one flag.
 """
@@ -36,7 +38,16 @@ NO_REQUEST_SPAN = (
     f"opentelemetry-instrumentation-fastapi; {pip_install('zero-code')} brings both."
 )
 
+UNSEEN_PROVIDER = (
+    "No OpenTelemetry SDK is set as the global one, and the request spans go to a tracer provider otel_bgtasks "
+    "cannot see (%s), so background tasks' spans go nowhere. Pass the same provider as tracer_provider= to "
+    "otel_bgtasks.instrument(), or call otel_bgtasks.instrument() first (before "
+    "FastAPIInstrumentor.instrument_app() or OpenTelemetryMiddleware(app, ...)): task spans then follow it."
+)
+
 _lock = threading.Lock()
+# What instrument(app) found tracing requests with a provider it cannot see (see note_unseen_provider()).
+_unseen: str | None = None
 # Set by arm() at each instrument(), cleared by the first task that starts; read by the hot path, which calls
 # check_first_task() only while it is set.
 pending = False
@@ -58,10 +69,17 @@ def arm(spans_recorded: Callable[[], bool], spans_wanted: bool = True) -> None:
             ``instrument_app()`` (followed since), or an SDK set as the global one.
         spans_wanted: ``False`` when the provider given is a no-op one: spans going nowhere is the point.
     """
-    global pending, _spans_recorded
+    global pending, _spans_recorded, _unseen
     with _lock:
         pending = spans_wanted
         _spans_recorded = spans_recorded
+        _unseen = None  # what an earlier instrumentation saw is not this one's
+
+
+def note_unseen_provider(where: str) -> None:
+    """Requests are traced with a provider otel_bgtasks cannot see (``where``): said if no SDK is found later."""
+    global _unseen
+    _unseen = where
 
 
 def check_first_task(creating: Context, task_name: str) -> None:
@@ -74,6 +92,9 @@ def check_first_task(creating: Context, task_name: str) -> None:
             return
         pending = False
     if not _spans_recorded() and isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
-        _logger.warning(NO_SDK)  # no request span either, then: this is the cause
+        if _unseen is not None:  # the request spans do go somewhere: say where the task spans are lost
+            _logger.warning(UNSEEN_PROVIDER, _unseen)
+        else:
+            _logger.warning(NO_SDK)  # no request span either, then: this is the cause
     elif not trace.get_current_span(creating).get_span_context().is_valid:
         _logger.warning(NO_REQUEST_SPAN, task_name)

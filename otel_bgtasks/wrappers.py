@@ -716,16 +716,19 @@ class TaskWrappers:
             for index, task in enumerate(unrun, position + 1):  # numbered as if they had run
                 _number(task, index)
         skipped = self._record_skipped(unrun, cancelled, closed)
-        failed = tasks[position] if position < len(tasks) else None
-        state = known_state(failed) if _is_task(failed) else None
-        if state is None:
-            return
-        run, state.pending_report = state.pending_report, None
-        if run is None and not cancelled:
-            run = self._report_unseen_failure(failed, exc, started_ns)
-        if run is not None:
-            run.skipped = skipped
-            self._report(run)
+        try:
+            failed = tasks[position] if position < len(tasks) else None
+            state = known_state(failed) if _is_task(failed) else None
+            if state is None:
+                return
+            run, state.pending_report = state.pending_report, None
+            if run is None and not cancelled:
+                run = self._report_unseen_failure(failed, exc, started_ns)
+            if run is not None:
+                run.skipped = skipped
+                self._report(run)
+        finally:
+            _warn_skipped(skipped, cancelled)  # after the failure's own report: cause, then effect
 
     def _report_unseen_failure(self, task: Any, exc: BaseException, started_ns: int) -> TaskRun | None:
         """A ``BackgroundTask`` subclass whose own ``__call__`` raised without reaching ours: record it.
@@ -774,21 +777,6 @@ class TaskWrappers:
                 for listener in listeners.active:
                     with _guard:
                         listener.task_skipped(state, reason)
-        if skipped and cancelled:
-            _logger.warning(
-                "Skipped %d background task(s) because their BackgroundTasks was cancelled before they ran "
-                "(the server shutting down, or the client's connection closing): %s.",
-                len(skipped),
-                listing(skipped),
-            )
-        elif skipped:
-            _logger.warning(
-                "Skipped %d background task(s) because an earlier task in the same BackgroundTasks failed: %s. "
-                "To run them anyway, pass continue_on_error=True to otel_bgtasks.instrument(), or set "
-                "OTEL_PYTHON_BGTASKS_CONTINUE_ON_ERROR=true.",
-                len(skipped),
-                listing(skipped),
-            )
         return skipped
 
     def call_fastapi_tasks(
@@ -824,6 +812,25 @@ class TaskWrappers:
                 started = [i for i, task in enumerate(tasks) if _ran(task)]
                 self._after_failure(tasks, started[-1] if started else 0, time_ns(), exc)
             raise
+
+
+def _warn_skipped(skipped: list[str], cancelled: bool) -> None:
+    """One WARNING for the tasks a failure or a cancellation left unrun, logged after the failure's report."""
+    if skipped and cancelled:
+        _logger.warning(
+            "Skipped %d background task(s) because their BackgroundTasks was cancelled before they ran "
+            "(the server shutting down, or the client's connection closing): %s.",
+            len(skipped),
+            listing(skipped),
+        )
+    elif skipped:
+        _logger.warning(
+            "Skipped %d background task(s) because an earlier task in the same BackgroundTasks failed: %s. "
+            "To run them anyway, pass continue_on_error=True to otel_bgtasks.instrument(), or set "
+            "OTEL_PYTHON_BGTASKS_CONTINUE_ON_ERROR=true.",
+            len(skipped),
+            listing(skipped),
+        )
 
 
 def _tracer(tracer_provider: trace.TracerProvider | None) -> trace.Tracer:

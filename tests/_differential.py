@@ -600,8 +600,7 @@ class _Records(logging.Handler):
     def __init__(self, observed: Observed) -> None:
         super().__init__(logging.DEBUG)
         self.observed = observed
-        # The records themselves, weakly: an id() outlives its record, and a later record at the same address
-        # (the server's "Exception in ASGI application", say) would be taken for one seen and dropped.
+        # Weakly: a freed record's id is soon another's (on 3.13 nearly always), which an id set would drop.
         self.seen: weakref.WeakSet[logging.LogRecord] = weakref.WeakSet()
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -778,6 +777,7 @@ def run_arm(
     serve: Callable[[Any, Observed], None] | None = None,
 ) -> Observed:
     """Build the app of ``scenario``, instrument it per ``options`` (None: not at all), send one request."""
+    assert_starlette_untouched()
     observed = Observed()
     telemetry = Telemetry()
     seen = SeenByMiddleware()
@@ -811,6 +811,7 @@ def run_arm(
                 # next arm, uninstrumented or not, starts from plain Starlette (test_task_dying_with_its_loop_...).
                 FastAPIInstrumentor.uninstrument_app(inner)
         del app, inner
+    assert_starlette_untouched()
     observed.effects = list(EFFECTS)
     observed.middleware = seen.events
     observed.raw_vars = sorted(vars(seen.raw)) if seen.raw is not None else None
@@ -824,6 +825,17 @@ def run_arm(
 @contextmanager
 def _nothing() -> Iterator[None]:
     yield
+
+
+# Starlette's own, as imported: what every arm must start and end with (neither arm may inherit a patch).
+_STARLETTE_CALLS = (vars(BackgroundTask)["__call__"], vars(BackgroundTasks)["__call__"])
+
+
+def assert_starlette_untouched() -> None:
+    """Starlette's task classes are as Starlette made them: no patch left by an earlier arm or test."""
+    calls = (vars(BackgroundTask)["__call__"], vars(BackgroundTasks)["__call__"])
+    assert calls == _STARLETTE_CALLS, f"left patched: {calls}"
+    assert "_otel_original_call" not in vars(BackgroundTask), "contrib's FastAPI instrumentation left patched"
 
 
 # -- documented differences ---------------------------------------------------------------------------------

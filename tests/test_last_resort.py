@@ -77,7 +77,7 @@ SKIPPED = (
 )
 
 
-EXPORTED = "exported: ['Skipped 1 background task(s)', 'Background task __main__.charge_card failed (error)']"
+EXPORTED = "exported: ['Background task __main__.charge_card failed (error)', 'Skipped 1 background task(s)']"
 
 
 def run(case: str) -> subprocess.CompletedProcess[str]:
@@ -95,12 +95,12 @@ def printed(stderr: str) -> list[str]:
     ("case", "expected"),
     [
         # No handler at all: what logging.lastResort prints, once (ours, not lastResort as well).
-        ("bare", [SKIPPED, FAILED]),
+        ("bare", [FAILED, SKIPPED]),
         # Only OpenTelemetry's handler, which lastResort counts as a handler: printed all the same.
-        ("otel", [SKIPPED, FAILED]),
+        ("otel", [FAILED, SKIPPED]),
         # The application's handler shows them, in its format; nothing of ours besides.
-        ("app", [f"app: {SKIPPED}", f"app: {FAILED}"]),
-        ("otel+app", [f"app: {SKIPPED}", f"app: {FAILED}"]),
+        ("app", [f"app: {FAILED}", f"app: {SKIPPED}"]),
+        ("otel+app", [f"app: {FAILED}", f"app: {SKIPPED}"]),
         # The application silenced them, as it would silence lastResort.
         ("otel+null", []),
         ("otel+silenced", []),

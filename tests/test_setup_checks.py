@@ -8,18 +8,22 @@ README's zero-code command once failed.
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
 import logging
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from _servers import recording
 from conftest import needs_native_telemetry, task_spans
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from packaging.version import Version
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.requests import Request
@@ -174,26 +178,33 @@ def test_no_sdk_warning_when_a_tracer_provider_is_given(tmp_path: Path) -> None:
     assert NO_REQUEST_SPAN not in completed.stderr
 
 
-FOLLOWED_SCRIPT = textwrap.dedent(
+# -- Whichever order the app's request tracing and instrument() come in ---------------------------------
+
+ORDERS_SCRIPT = textwrap.dedent(
     """
     import asyncio
+    import json
     import sys
 
     import httpx
     from fastapi import BackgroundTasks, FastAPI
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanKind
 
     import otel_bgtasks
 
     exporter = InMemorySpanExporter()
     provider = TracerProvider()  # the app's own; the global one is never set
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    if sys.argv[1] == "native":
+    setup = sys.argv[1]
+    if setup == "native":
         app = FastAPI(telemetry={"tracer_provider": provider})
     else:
-        app = FastAPI(telemetry={"tracing": False, "metrics": False, "logs": False})
+        app = FastAPI()
 
 
     def deliver(order):
@@ -206,13 +217,26 @@ FOLLOWED_SCRIPT = textwrap.dedent(
         return "ok"
 
 
-    if sys.argv[1] == "native":
+    if setup == "native":
         app = otel_bgtasks.instrument(app)
-    else:
-        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
-
-        otel_bgtasks.instrument()
+    elif setup == "contrib first":
         FastAPIInstrumentor.instrument_app(app, tracer_provider=provider)
+        otel_bgtasks.instrument(app)
+    elif setup.startswith("contrib after"):
+        otel_bgtasks.instrument(app if setup == "contrib after" else None)
+        FastAPIInstrumentor.instrument_app(app, tracer_provider=provider)
+    elif setup == "middleware first":
+        app = otel_bgtasks.instrument(OpenTelemetryMiddleware(app, tracer_provider=provider))
+    elif setup == "middleware first, then instrumented anew":
+        otel_bgtasks.instrument(OpenTelemetryMiddleware(app, tracer_provider=provider))
+        otel_bgtasks.uninstrument()
+        app = otel_bgtasks.instrument(app)  # its own request spans, to the global provider: nowhere
+    elif setup == "middleware after":
+        otel_bgtasks.instrument()
+        app = OpenTelemetryMiddleware(app, tracer_provider=provider)
+    elif setup == "add_middleware first":
+        app.add_middleware(OpenTelemetryMiddleware, tracer_provider=provider)
+        otel_bgtasks.instrument(app)
 
 
     async def main():
@@ -222,16 +246,89 @@ FOLLOWED_SCRIPT = textwrap.dedent(
 
 
     asyncio.run(main())
-    tasks = [s for s in exporter.get_finished_spans() if s.name == "BackgroundTask deliver"]
-    print("task spans", len(tasks), "children", sum(s.parent is not None for s in tasks))
+    spans = exporter.get_finished_spans()
+    tasks = [s for s in spans if s.name == "BackgroundTask deliver"]
+    print(json.dumps({
+        "servers": sorted(s.context.span_id for s in spans if s.kind is SpanKind.SERVER),
+        "task_parents": sorted(s.parent.span_id for s in tasks if s.parent),
+        "exported": sorted(s.context.span_id for s in spans),
+        "tasks": len(tasks),
+    }))
     """
+)
+UNSEEN = "the request spans go to a tracer provider otel_bgtasks cannot see ("
+FIX = "Pass the same provider as tracer_provider= to otel_bgtasks.instrument(), or call otel_bgtasks.instrument() first"
+# Contrib's instrument_app() gives its middleware the provider up to 0.47b0, a tracer made from it since.
+CONTRIB_GIVES_A_TRACER = Version(importlib.metadata.version("opentelemetry-instrumentation-fastapi")) >= Version(
+    "0.48b0"
 )
 
 
-@pytest.mark.parametrize("given_to", [pytest.param("native", marks=needs_native_telemetry), "contrib instrument_app"])
-def test_no_sdk_warning_when_task_spans_follow_the_apps_provider(tmp_path: Path, given_to: str) -> None:
-    """The app gave FastAPI's telemetry or contrib's instrument_app() a provider: task spans go there too."""
-    completed = run_script(tmp_path, [sys.executable], given_to.split()[0], source=FOLLOWED_SCRIPT)
-    assert "task spans 2 children 2" in completed.stdout  # exported, under the request spans
-    assert NO_SDK not in completed.stderr
+def run_order(tmp_path: Path, setup: str) -> tuple[dict[str, Any], list[str]]:
+    completed = run_script(tmp_path, [sys.executable], setup, source=ORDERS_SCRIPT)
+    told = [line for line in completed.stderr.splitlines() if NO_SDK in line or UNSEEN in line]
     assert NO_REQUEST_SPAN not in completed.stderr
+    return json.loads(completed.stdout.splitlines()[-1]), told
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        "contrib after",
+        "contrib after, no app",
+        "middleware after",
+        "add_middleware first",
+        pytest.param("contrib first", marks=pytest.mark.skipif(CONTRIB_GIVES_A_TRACER, reason="a tracer only")),
+    ],
+)
+def test_task_spans_follow_the_provider_the_request_middleware_is_given(tmp_path: Path, setup: str) -> None:
+    """The middleware is made after instrument() (at the first request for add_middleware): its provider is seen."""
+    spans, told = run_order(tmp_path, setup)
+    assert spans["tasks"] == 2  # in the app's provider, the only one there is
+    assert len(spans["servers"]) == 2
+    assert spans["task_parents"] == spans["servers"]
+    assert told == []
+
+
+@needs_native_telemetry
+def test_task_spans_follow_fastapis_native_telemetry_provider(tmp_path: Path) -> None:
+    spans, told = run_order(tmp_path, "native")
+    assert spans["tasks"] == 2
+    assert len(spans["servers"]) == 2
+    assert set(spans["task_parents"]) <= set(spans["exported"])  # FastAPI's endpoint span, under its server span
+    assert told == []
+
+
+@pytest.mark.parametrize(
+    ("setup", "where"),
+    [
+        pytest.param(
+            "contrib first",
+            "(contrib's instrument_app(), called before otel_bgtasks.instrument(), hands its OpenTelemetryMiddleware "
+            "a tracer, not the provider)",
+            marks=pytest.mark.skipif(not CONTRIB_GIVES_A_TRACER, reason="given the provider: followed"),
+        ),
+        (
+            "middleware first",
+            "(an OpenTelemetryMiddleware in the app was made before otel_bgtasks.instrument(app) and keeps only a "
+            "tracer)",
+        ),
+    ],
+)
+def test_a_provider_out_of_sight_is_named_with_the_fix(tmp_path: Path, setup: str, where: str) -> None:
+    """Only a tracer was handed over: the provider cannot be followed, and the warning says so, not 'no SDK'."""
+    spans, told = run_order(tmp_path, setup)
+    assert spans["tasks"] == 0
+    assert len(spans["servers"]) == 2  # the request spans do reach the app's provider
+    (warning,) = told
+    assert f"No OpenTelemetry SDK is set as the global one, and {UNSEEN}{where[1:]}, so background tasks' " in warning
+    assert FIX in warning
+    assert NO_SDK not in warning  # not the generic warning, untrue for the request spans
+
+
+def test_an_earlier_instrumentations_provider_out_of_sight_is_not_this_ones(tmp_path: Path) -> None:
+    """Instrumented anew, the app's requests traced by otel_bgtasks' own middleware: the plain no-SDK warning."""
+    spans, told = run_order(tmp_path, "middleware first, then instrumented anew")
+    assert spans == {"servers": [], "task_parents": [], "exported": [], "tasks": 0}
+    (warning,) = told
+    assert warning.startswith(NO_SDK), warning

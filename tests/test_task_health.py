@@ -708,6 +708,22 @@ async def test_skipped_warning_names_the_environment_variable_too(
     assert "OTEL_PYTHON_BGTASKS_CONTINUE_ON_ERROR=true" in warning
 
 
+async def test_the_failure_is_logged_before_the_tasks_it_skipped(
+    instrument: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Cause, then effect: the failed task's ERROR comes first, then the WARNING naming what it left unrun."""
+    instrument()
+    with caplog.at_level(logging.WARNING, logger="otel_bgtasks"), pytest.raises(ValueError):
+        await BackgroundTasks([BackgroundTask(fail), BackgroundTask(never), BackgroundTask(never)])()
+
+    told = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "otel_bgtasks"]
+    told = [(level, text.split(":")[0]) for level, text in told if level == "ERROR" or text.startswith("Skipped")]
+    assert told == [
+        ("ERROR", f"Background task {fail.__module__}.fail failed (error)"),
+        ("WARNING", "Skipped 2 background task(s) because an earlier task in the same BackgroundTasks failed"),
+    ]
+
+
 # -- Off the happy path: timeouts and delays ---------------------------------------------------------
 
 
