@@ -324,7 +324,13 @@ MUTANTS = [
         "_refs(coroutine) >= _TASK_AND_CALLER",
         TS,
     ),
-    Mutant("ts/problem-dropped", "task_state.py", "self.settled and self.problem is None and", "self.settled and", TS),
+    Mutant(
+        "ts/problem-not-dropped",
+        "task_state.py",
+        "if not self.settled and self.on_drop is not None:",
+        "if not self.settled and self.problem is None and self.on_drop is not None:",
+        TS,
+    ),
     Mutant(
         "se/builtin-type-any", "sentry.py", "if seen is None or seen[0] is not type(error):", "if seen is None:", SE
     ),
