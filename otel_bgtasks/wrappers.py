@@ -354,7 +354,7 @@ class TaskWrappers:
                     except BaseException as exc:  # cancellation and throw() go into the task, as with await
                         value, error = None, exc
         except BaseException as exc:
-            if isinstance(exc, GeneratorExit) and token is not None and not _attached_here(context):
+            if token is not None and _closed(exc, is_async) and not _attached_here(context):
                 # Closed from outside the task's own context (its loop closed, or it was freed while
                 # pending): that context dies with the task; detaching from another would fail, noisily.
                 token = None
@@ -538,7 +538,8 @@ class TaskWrappers:
 
     def _report_or_park(self, run: TaskRun, exc: BaseException) -> None:
         """A task that raised out of a ``BackgroundTasks`` is reported by call_tasks, with the tasks it left unrun."""
-        if run.state.index is not None and not self._options.continue_on_error and not isinstance(exc, GeneratorExit):
+        closed = _closed(exc, run.execution is semconv.EXECUTION_ASYNC)
+        if run.state.index is not None and not self._options.continue_on_error and not closed:
             run.state.pending_report = run
         else:
             self._report(run)
@@ -592,7 +593,7 @@ class TaskWrappers:
             return semconv.OUTCOME_SUCCESS, None
         if run.scope is not None and run.scope.cancel_called and isinstance(exc, TimeoutError):
             return semconv.OUTCOME_TIMEOUT, exc
-        if _cancellation(exc):
+        if _cancellation(exc) or (run.execution is semconv.EXECUTION_THREADPOOL and _wait_stopped(exc) is not None):
             return semconv.OUTCOME_CANCELLED, None
         return semconv.OUTCOME_ERROR, exc
 
@@ -707,17 +708,19 @@ class TaskWrappers:
 
     def _after_failure(self, tasks: list[Any], position: int, started_ns: int, exc: BaseException) -> None:
         """Show the tasks ``exc`` left unrun, then report the failed task with them."""
-        cancelled = _cancellation(exc)
+        failed = tasks[position] if position < len(tasks) else None
+        is_async = _execution(failed) is semconv.EXECUTION_ASYNC
+        stopped = exc if is_async else _wait_stopped(exc)
+        cancelled = stopped is not None and _cancellation(stopped)
         # Its coroutine closed (its event loop closed, or it was freed while pending): the tasks freed with it
         # were told dropped as they went, and have no state any more; those still here are skipped.
-        closed = isinstance(exc, GeneratorExit)
+        closed = isinstance(stopped, GeneratorExit)
         unrun = tasks[position + 1 :]
         if not closed:
             for index, task in enumerate(unrun, position + 1):  # numbered as if they had run
                 _number(task, index)
         skipped = self._record_skipped(unrun, cancelled, closed)
         try:
-            failed = tasks[position] if position < len(tasks) else None
             state = known_state(failed) if _is_task(failed) else None
             if state is None:
                 return
@@ -905,6 +908,29 @@ def _cancellation(exc: BaseException) -> bool:
         return isinstance(exc, anyio.get_cancelled_exc_class())
     except Exception:  # no event loop running any more (it closed): asyncio's is the one it can be
         return isinstance(exc, asyncio.CancelledError)
+
+
+def _wait_stopped(exc: BaseException) -> BaseException | None:
+    """The cancellation or ``GeneratorExit`` that stopped a sync task's wait for its thread, if one did.
+
+    Either reaches the awaiting coroutine, never the thread, which runs on. anyio's ``to_thread.run_sync``
+    may raise something else on its way out (closed outside its task or its loop, its ``CapacityLimiter``
+    raises ``RuntimeError``): the stop is then in that exception's ``__context__``. The task's own exception
+    comes from its thread, which no cancellation reaches.
+    """
+    seen: BaseException | None = exc
+    for _ in range(8):  # anyio's exits nest a few deep; a chain is finite, but need not be short
+        if seen is None:
+            return None
+        if _cancellation(seen):
+            return seen
+        seen = seen.__context__
+    return None
+
+
+def _closed(exc: BaseException, is_async: bool) -> bool:
+    """Whether the run ended because its coroutine was closed (see :func:`_wait_stopped` for a sync task)."""
+    return isinstance(exc if is_async else _wait_stopped(exc), GeneratorExit)
 
 
 def _awaitable(task: Any, call: Callable[[], Awaitable[Any]] | None, timings: ThreadTimings | None) -> Awaitable[Any]:
