@@ -116,6 +116,21 @@ class TaskWrappers:
             self._tracer = _tracer(tracer_provider)
             self._spans_recorded = True
 
+    def _follow_queuing_app(self, creating: Context) -> None:
+        """No provider given, none followed, no SDK: follow the one FastAPI's native telemetry has for this request.
+
+        ``instrument()`` called without the app cannot see ``FastAPI(telemetry={"tracer_provider": ...})``;
+        the first task queued in a request FastAPI traces shows it (see queuing_apps_provider). Asked only
+        while task spans go nowhere: once they go somewhere, never again.
+        """
+        if self.spans_recorded():
+            return
+        from otel_bgtasks.request_spans import queuing_apps_provider  # imports contrib's ASGI middleware: when needed
+
+        provider = queuing_apps_provider(creating)
+        if provider is not None:
+            self.follow(provider)
+
     def spans_recorded(self) -> bool:
         """Whether task spans go anywhere: a provider was given or followed, or an SDK set the global one."""
         if not self._spans_recorded and not self._explicit_provider:
@@ -154,6 +169,8 @@ class TaskWrappers:
                         internal_error(exc)
                 if self._link_mode:
                     _leave_trail(trace.get_current_span(state.context), state.names.function_name)
+                if not self._spans_recorded and not self._explicit_provider:
+                    self._follow_queuing_app(state.context)
         except Exception as exc:
             internal_error(exc)
         if problem is not None and self._options.strict:
