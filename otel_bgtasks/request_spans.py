@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import sys
 import weakref
 from typing import Any
 
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware  # pyright: ignore[reportMissingTypeStubs]
 
 _logger = logging.getLogger("otel_bgtasks")
@@ -33,6 +35,23 @@ def native_tracer_provider(app: Any) -> trace.TracerProvider | None:
         return None
     provider = config.get("tracer_provider")  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
     return provider if isinstance(provider, trace.TracerProvider) else None
+
+
+def queuing_apps_provider(creating: Context) -> trace.TracerProvider | None:
+    """The provider FastAPI's native telemetry was given by the app whose request, traced by it, queues a task.
+
+    ``fastapi.telemetry.get_telemetry_data()`` (public, FastAPI >= 0.163) finds the request in the creating
+    context while the request is handled, and the request its app (``scope["app"]``, set by FastAPI before
+    its telemetry runs). ``None`` for a request it does not trace, or without FastAPI's telemetry imported.
+    """
+    telemetry = sys.modules.get("fastapi.telemetry")
+    get_telemetry_data = getattr(telemetry, "get_telemetry_data", None)
+    if get_telemetry_data is None:
+        return None
+    data = get_telemetry_data(creating)
+    request = getattr(data, "request", None) or getattr(data, "websocket", None)
+    scope = getattr(request, "scope", None)
+    return native_tracer_provider(scope.get("app")) if isinstance(scope, dict) else None  # pyright: ignore[reportUnknownMemberType, reportUnknownArgumentType]
 
 
 def has_request_spans(app: Any) -> bool:

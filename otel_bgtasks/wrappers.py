@@ -116,6 +116,21 @@ class TaskWrappers:
             self._tracer = _tracer(tracer_provider)
             self._spans_recorded = True
 
+    def _follow_queuing_app(self, creating: Context) -> None:
+        """No provider given, none followed, no SDK: follow the one FastAPI's native telemetry has for this request.
+
+        ``instrument()`` called without the app cannot see ``FastAPI(telemetry={"tracer_provider": ...})``;
+        the first task queued in a request FastAPI traces shows it (see queuing_apps_provider). Asked only
+        while task spans go nowhere: once they go somewhere, never again.
+        """
+        if self.spans_recorded():
+            return
+        from otel_bgtasks.request_spans import queuing_apps_provider  # imports contrib's ASGI middleware: when needed
+
+        provider = queuing_apps_provider(creating)
+        if provider is not None:
+            self.follow(provider)
+
     def spans_recorded(self) -> bool:
         """Whether task spans go anywhere: a provider was given or followed, or an SDK set the global one."""
         if not self._spans_recorded and not self._explicit_provider:
@@ -154,6 +169,8 @@ class TaskWrappers:
                         internal_error(exc)
                 if self._link_mode:
                     _leave_trail(trace.get_current_span(state.context), state.names.function_name)
+                if not self._spans_recorded and not self._explicit_provider:
+                    self._follow_queuing_app(state.context)
         except Exception as exc:
             internal_error(exc)
         if problem is not None and self._options.strict:
@@ -354,7 +371,7 @@ class TaskWrappers:
                     except BaseException as exc:  # cancellation and throw() go into the task, as with await
                         value, error = None, exc
         except BaseException as exc:
-            if isinstance(exc, GeneratorExit) and token is not None and not _attached_here(context):
+            if token is not None and _closed(exc, is_async) and not _attached_here(context):
                 # Closed from outside the task's own context (its loop closed, or it was freed while
                 # pending): that context dies with the task; detaching from another would fail, noisily.
                 token = None
@@ -538,7 +555,8 @@ class TaskWrappers:
 
     def _report_or_park(self, run: TaskRun, exc: BaseException) -> None:
         """A task that raised out of a ``BackgroundTasks`` is reported by call_tasks, with the tasks it left unrun."""
-        if run.state.index is not None and not self._options.continue_on_error and not isinstance(exc, GeneratorExit):
+        closed = _closed(exc, run.execution is semconv.EXECUTION_ASYNC)
+        if run.state.index is not None and not self._options.continue_on_error and not closed:
             run.state.pending_report = run
         else:
             self._report(run)
@@ -592,7 +610,7 @@ class TaskWrappers:
             return semconv.OUTCOME_SUCCESS, None
         if run.scope is not None and run.scope.cancel_called and isinstance(exc, TimeoutError):
             return semconv.OUTCOME_TIMEOUT, exc
-        if _cancellation(exc):
+        if _cancellation(exc) or (run.execution is semconv.EXECUTION_THREADPOOL and _wait_stopped(exc) is not None):
             return semconv.OUTCOME_CANCELLED, None
         return semconv.OUTCOME_ERROR, exc
 
@@ -707,17 +725,19 @@ class TaskWrappers:
 
     def _after_failure(self, tasks: list[Any], position: int, started_ns: int, exc: BaseException) -> None:
         """Show the tasks ``exc`` left unrun, then report the failed task with them."""
-        cancelled = _cancellation(exc)
+        failed = tasks[position] if position < len(tasks) else None
+        is_async = _execution(failed) is semconv.EXECUTION_ASYNC
+        stopped = exc if is_async else _wait_stopped(exc)
+        cancelled = stopped is not None and _cancellation(stopped)
         # Its coroutine closed (its event loop closed, or it was freed while pending): the tasks freed with it
         # were told dropped as they went, and have no state any more; those still here are skipped.
-        closed = isinstance(exc, GeneratorExit)
+        closed = isinstance(stopped, GeneratorExit)
         unrun = tasks[position + 1 :]
         if not closed:
             for index, task in enumerate(unrun, position + 1):  # numbered as if they had run
                 _number(task, index)
         skipped = self._record_skipped(unrun, cancelled, closed)
         try:
-            failed = tasks[position] if position < len(tasks) else None
             state = known_state(failed) if _is_task(failed) else None
             if state is None:
                 return
@@ -905,6 +925,29 @@ def _cancellation(exc: BaseException) -> bool:
         return isinstance(exc, anyio.get_cancelled_exc_class())
     except Exception:  # no event loop running any more (it closed): asyncio's is the one it can be
         return isinstance(exc, asyncio.CancelledError)
+
+
+def _wait_stopped(exc: BaseException) -> BaseException | None:
+    """The cancellation or ``GeneratorExit`` that stopped a sync task's wait for its thread, if one did.
+
+    Either reaches the awaiting coroutine, never the thread, which runs on. anyio's ``to_thread.run_sync``
+    may raise something else on its way out (closed outside its task or its loop, its ``CapacityLimiter``
+    raises ``RuntimeError``): the stop is then in that exception's ``__context__``. The task's own exception
+    comes from its thread, which no cancellation reaches.
+    """
+    seen: BaseException | None = exc
+    for _ in range(8):  # anyio's exits nest a few deep; a chain is finite, but need not be short
+        if seen is None:
+            return None
+        if _cancellation(seen):
+            return seen
+        seen = seen.__context__
+    return None
+
+
+def _closed(exc: BaseException, is_async: bool) -> bool:
+    """Whether the run ended because its coroutine was closed (see :func:`_wait_stopped` for a sync task)."""
+    return isinstance(exc if is_async else _wait_stopped(exc), GeneratorExit)
 
 
 def _awaitable(task: Any, call: Callable[[], Awaitable[Any]] | None, timings: ThreadTimings | None) -> Awaitable[Any]:

@@ -201,8 +201,11 @@ ORDERS_SCRIPT = textwrap.dedent(
     provider = TracerProvider()  # the app's own; the global one is never set
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     setup = sys.argv[1]
-    if setup == "native":
-        app = FastAPI(telemetry={"tracer_provider": provider})
+    if setup.startswith("native"):
+        telemetry = {"tracer_provider": provider}
+        if setup.endswith("no operation spans"):
+            telemetry["operation_spans"] = False  # the request's server span creates the task
+        app = FastAPI(telemetry=telemetry)
     else:
         app = FastAPI()
 
@@ -219,6 +222,8 @@ ORDERS_SCRIPT = textwrap.dedent(
 
     if setup == "native":
         app = otel_bgtasks.instrument(app)
+    elif setup.startswith("native, no app"):
+        otel_bgtasks.instrument()
     elif setup == "contrib first":
         FastAPIInstrumentor.instrument_app(app, tracer_provider=provider)
         otel_bgtasks.instrument(app)
@@ -253,6 +258,7 @@ ORDERS_SCRIPT = textwrap.dedent(
         "task_parents": sorted(s.parent.span_id for s in tasks if s.parent),
         "exported": sorted(s.context.span_id for s in spans),
         "tasks": len(tasks),
+        "fastapi_tasks": len([s for s in spans if s.name.startswith("fastapi.background_task")]),
     }))
     """
 )
@@ -299,6 +305,21 @@ def test_task_spans_follow_fastapis_native_telemetry_provider(tmp_path: Path) ->
     assert told == []
 
 
+@needs_native_telemetry
+def test_task_spans_follow_fastapis_native_telemetry_provider_without_the_app(tmp_path: Path) -> None:
+    """``instrument()`` without the app: the request FastAPI traces shows the provider when a task is queued."""
+    spans, told = run_order(tmp_path, "native, no app, no operation spans")
+    assert spans["tasks"] == 2
+    assert len(spans["servers"]) == 2
+    assert spans["task_parents"] == spans["servers"]  # FastAPI's request spans
+    assert spans["fastapi_tasks"] == 0  # ours instead of FastAPI's, as with instrument(app): one span per task
+    assert told == []
+    with_operation_spans, told = run_order(tmp_path, "native, no app")
+    assert with_operation_spans["tasks"] == 2
+    assert set(with_operation_spans["task_parents"]) <= set(with_operation_spans["exported"])  # the endpoint's span
+    assert told == []
+
+
 @pytest.mark.parametrize(
     ("setup", "where"),
     [
@@ -329,6 +350,6 @@ def test_a_provider_out_of_sight_is_named_with_the_fix(tmp_path: Path, setup: st
 def test_an_earlier_instrumentations_provider_out_of_sight_is_not_this_ones(tmp_path: Path) -> None:
     """Instrumented anew, the app's requests traced by otel_bgtasks' own middleware: the plain no-SDK warning."""
     spans, told = run_order(tmp_path, "middleware first, then instrumented anew")
-    assert spans == {"servers": [], "task_parents": [], "exported": [], "tasks": 0}
+    assert spans == {"servers": [], "task_parents": [], "exported": [], "tasks": 0, "fastapi_tasks": 0}
     (warning,) = told
     assert warning.startswith(NO_SDK), warning

@@ -360,6 +360,137 @@ async def test_cancelled_task_is_not_a_failure(instrument: Any, caplog: pytest.L
     assert [r for r in caplog.records if r.name == "otel_bgtasks"] == []
 
 
+class _SlowSync:
+    """A ``def`` task that runs on its worker thread until released, and says when it started and ended."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.finished = threading.Event()
+
+    def __call__(self) -> None:
+        self.started.set()
+        self.release.wait(WAIT_SECONDS)
+        self.finished.set()
+
+
+def _awaiting(slow: _SlowSync, container: str) -> Any:
+    task = BackgroundTask(slow)
+    return BackgroundTasks([task, BackgroundTask(never)])() if container == "tasks" else task()
+
+
+def _assert_one_cancelled_run(exporter: InMemorySpanExporter, reader: InMemoryMetricReader, slow: _SlowSync) -> None:
+    """One span, ``cancelled``, no error; one outcome counted, ``cancelled``, even after the thread went on."""
+    assert slow.release.is_set() and slow.finished.wait(WAIT_SECONDS)  # the thread ran to its end
+    (span,) = [s for s in task_spans(exporter) if s.name != "BackgroundTask never"]
+    assert span.attributes is not None
+    assert span.attributes["background_task.outcome"] == "cancelled"
+    assert span.attributes["background_task.execution"] == "threadpool"
+    assert "error.type" not in span.attributes
+    assert span.status.status_code is StatusCode.UNSET
+    assert [event.name for event in span.events] == []
+    name = f"{__name__}._SlowSync"
+    outcomes = {
+        key: point.value
+        for key, point in points(metrics_by_name(reader)["background_task.outcomes"]).items()
+        if (FUNC, name) in key
+    }
+    assert outcomes == {
+        frozenset(
+            {(FUNC, name), ("background_task.execution", "threadpool"), ("background_task.outcome", "cancelled")}
+        ): 1
+    }
+
+
+def _close_as_anyio_lets(coroutine: Any) -> None:
+    """``close()``: anyio 4's ``to_thread.run_sync``, closed outside its task or loop, raises ``RuntimeError``.
+
+    Its ``CapacityLimiter`` raises over the ``GeneratorExit`` ("this borrower isn't holding any of this
+    CapacityLimiter's tokens", "no running event loop"): the caller sees that, as uninstrumented.
+    """
+    try:
+        coroutine.close()
+    except RuntimeError as raised:
+        chain: list[BaseException] = [raised]
+        while chain[-1].__context__ is not None:
+            chain.append(chain[-1].__context__)  # pyright: ignore[reportArgumentType]
+        assert isinstance(chain[-1], GeneratorExit)
+
+
+def _no_error_logged(caplog: pytest.LogCaptureFixture, container: str) -> None:
+    # opentelemetry.context: a context token detached outside the context it was made in logs an ERROR there.
+    logged = [r for r in caplog.records if r.name in ("otel_bgtasks", "opentelemetry.context")]
+    assert [r.getMessage() for r in logged if r.levelno >= logging.ERROR] == []
+    skipped = [r.getMessage() for r in logged if r.getMessage().startswith("Skipped")]
+    if container == "tasks":  # the task after it: skipped because of a cancellation, not of a failure
+        assert len(skipped) == 1 and "was cancelled before they ran" in skipped[0]
+
+
+@pytest.mark.parametrize("container", ["task", "tasks"])
+@pytest.mark.parametrize("blocking_threshold", [0.5, None], ids=["event_loop_timed", "untimed"])
+@pytest.mark.parametrize("stop", ["cancel", "close"])
+async def test_sync_task_whose_wait_for_its_thread_is_stopped_is_cancelled(
+    instrument: Any,
+    exporter: InMemorySpanExporter,
+    reader: InMemoryMetricReader,
+    caplog: pytest.LogCaptureFixture,
+    stop: str,
+    blocking_threshold: float | None,
+    container: str,
+) -> None:
+    """Cancelled (CancelledError) or closed (anyio then raises RuntimeError) while its thread runs: ``cancelled``.
+
+    As an ``async def`` task stopped so would be: the task did not fail, its wait was stopped from outside.
+    """
+    instrument(blocking_threshold=blocking_threshold)
+    slow = _SlowSync()
+    with caplog.at_level(logging.INFO):
+        running = asyncio.ensure_future(_awaiting(slow, container))
+        while not slow.started.is_set():
+            await asyncio.sleep(0.005)
+        if stop == "cancel":
+            running.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await running
+        else:  # the coroutine dropped while suspended
+            _close_as_anyio_lets(running.get_coro())
+        slow.release.set()
+        if stop == "close":  # the task wakes to a closed coroutine: its own error, not ours
+            await asyncio.wait([running], timeout=WAIT_SECONDS)
+            running.exception()
+    _assert_one_cancelled_run(exporter, reader, slow)
+    _no_error_logged(caplog, container)
+
+
+@pytest.mark.parametrize("container", ["task", "tasks"])
+def test_sync_task_closed_by_its_dead_loop_while_its_thread_runs_is_cancelled(
+    instrument: Any,
+    exporter: InMemorySpanExporter,
+    reader: InMemoryMetricReader,
+    caplog: pytest.LogCaptureFixture,
+    container: str,
+) -> None:
+    """Its event loop closed, the coroutine freed later: anyio raises "no running event loop" out of close()."""
+    instrument()
+    slow = _SlowSync()
+
+    async def start() -> asyncio.Future[Any]:
+        running = asyncio.ensure_future(_awaiting(slow, container))
+        while not slow.started.is_set():
+            await asyncio.sleep(0.005)
+        return running
+
+    loop = asyncio.new_event_loop()
+    with caplog.at_level(logging.INFO):
+        running = loop.run_until_complete(start())
+        loop.close()
+        coroutine = running.get_coro()  # pyright: ignore[reportUnknownVariableType]
+        _close_as_anyio_lets(coroutine)
+        slow.release.set()
+    _assert_one_cancelled_run(exporter, reader, slow)
+    _no_error_logged(caplog, container)
+
+
 async def send_email(address: str) -> None:
     pass
 
