@@ -335,7 +335,8 @@ MUTANTS = [
         "se/builtin-type-any", "sentry.py", "if seen is None or seen[0] is not type(error):", "if seen is None:", SE
     ),
     Mutant("se/builtin-path-any", "sentry.py", "return path[len(path) - len(seen[1]) :] == seen[1]", "return True", SE),
-    Mutant("se/wrapper-any-cause", "sentry.py", " and error.__cause__ in forwarded", "", SE),
+    Mutant("se/wrapper-any-cause", "sentry.py", "    return wrapped in forwarded", "    return True", SE),
+    Mutant("se/wrapper-raised-anywhere", "sentry.py", " or not _raised_by_starlette(error):", ":", SE),
     Mutant("se/internal-error-dropped", "sentry.py", 'and record.funcName != "internal_error"', "", SE),
     Mutant(
         "se/builtin-unbounded", "sentry.py", "len(self._builtin) > self._MAX_BUILTIN", "len(self._builtin) > 10**9", SE
