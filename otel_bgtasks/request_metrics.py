@@ -334,30 +334,10 @@ def equip(app: Any) -> None:
     with capture_internal_exceptions():
         if _installed is None:
             return
+        from otel_bgtasks.request_spans import contrib_middlewares  # imports contrib's middleware: when needed
+
         for middleware in contrib_middlewares(app):
             _equip_one(middleware)
-
-
-def contrib_middlewares(app: Any) -> Iterator[Any]:
-    """Contrib's ``OpenTelemetryMiddleware`` instances in ``app``: itself, those it wraps, and in its built stack.
-
-    Follows ``app``'s ``.app`` and Starlette's built ``middleware_stack``, a few levels deep.
-    """
-    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware  # pyright: ignore[reportMissingTypeStubs]
-
-    seen: set[int] = set()
-    pending = [app]
-    while pending and len(seen) < 64:
-        current = pending.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, OpenTelemetryMiddleware):
-            yield current
-        for name in ("app", "middleware_stack"):
-            inner: Any = getattr(current, "__dict__", {}).get(name)
-            if inner is not None:
-                pending.append(inner)
 
 
 _lock = threading.Lock()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 from opentelemetry import trace
@@ -117,6 +118,24 @@ def traces_with_a_given_provider(middleware: Any) -> bool:
 
 def traced_with_an_unseen_provider(app: Any) -> bool:
     """Whether a contrib middleware in ``app``, made before ``instrument()``, may trace with a provider unseen."""
-    from otel_bgtasks.request_metrics import contrib_middlewares
-
     return any(traces_with_a_given_provider(middleware) for middleware in contrib_middlewares(app))
+
+
+def contrib_middlewares(app: Any) -> Iterator[Any]:
+    """Contrib's ``OpenTelemetryMiddleware`` instances in ``app``: itself, those it wraps, and in its built stack.
+
+    Follows ``app``'s ``.app`` and Starlette's built ``middleware_stack``, a few levels deep.
+    """
+    seen: set[int] = set()
+    pending = [app]
+    while pending and len(seen) < 64:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OpenTelemetryMiddleware):
+            yield current
+        for name in ("app", "middleware_stack"):
+            inner: Any = getattr(current, "__dict__", {}).get(name)
+            if inner is not None:
+                pending.append(inner)

@@ -21,9 +21,7 @@ import copy
 import dataclasses
 import functools
 import gc
-import gzip
 import inspect
-import json
 import logging
 import pickle
 import re
@@ -34,13 +32,13 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from unittest import mock
 
 import httpx
 import pydantic
 import sentry_sdk
+from _sentry_endpoint import SentryEndpoint
 from fastapi import BackgroundTasks as FastAPIBackgroundTasks
 from fastapi import FastAPI
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
@@ -704,39 +702,6 @@ async def drive(app: Any, observed: Observed) -> None:
 # -- Sentry ---------------------------------------------------------------------------------------------------
 
 
-class SentryReceiver:
-    """Sentry's ingestion endpoint on 127.0.0.1: keeps the error events the SDK's HTTP transport posts."""
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-        events = self.events
-
-        class Envelopes(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                data = self.rfile.read(int(self.headers["Content-Length"]))
-                if self.headers.get("Content-Encoding") == "gzip":
-                    data = gzip.decompress(data)
-                items = data.split(b"\n")[1:]
-                for item_header, item in zip(items[::2], items[1::2], strict=False):
-                    if json.loads(item_header).get("type") == "event":
-                        events.append(json.loads(item))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Envelopes)
-        self.thread = threading.Thread(target=self.server.serve_forever, name="sentry-receiver", daemon=True)
-        self.thread.start()
-        self.dsn = f"http://key@127.0.0.1:{self.server.server_address[1]}/1"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join()
-
-
 def sentry_summary(event: dict[str, Any]) -> Any:
     """An event as a reader of the Sentry project would tell it apart: its exceptions, or its message."""
     values = (event.get("exception") or {}).get("values") or []
@@ -751,7 +716,7 @@ def sentry_summary(event: dict[str, Any]) -> Any:
 
 
 @contextmanager
-def sentry_on(receiver: SentryReceiver) -> Iterator[None]:
+def sentry_on(receiver: SentryEndpoint) -> Iterator[None]:
     sentry_sdk.init(
         dsn=receiver.dsn,
         integrations=[StarletteIntegration(), FastApiIntegration()],
@@ -773,7 +738,7 @@ def run_arm(
     scenario: Scenario,
     options: Options | None,
     *,
-    sentry: SentryReceiver | None = None,
+    sentry: SentryEndpoint | None = None,
     serve: Callable[[Any, Observed], None] | None = None,
 ) -> Observed:
     """Build the app of ``scenario``, instrument it per ``options`` (None: not at all), send one request."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
@@ -27,6 +27,9 @@ from starlette import concurrency as starlette_concurrency
 
 import otel_bgtasks
 from otel_bgtasks import guard, metrics
+
+if TYPE_CHECKING:
+    from _sentry_endpoint import SentryEndpoint
 
 _exporter = InMemorySpanExporter()
 _provider = TracerProvider()
@@ -79,6 +82,18 @@ def starlettes_refusal(kind: str) -> str:
 def with_native(values: list[str]) -> list[object]:
     """``parametrize`` values, those naming a native-telemetry setup skipped where FastAPI has none."""
     return [pytest.param(v, marks=needs_native_telemetry) if "native" in v else v for v in values]
+
+
+@pytest.fixture
+def receiver() -> Iterator[SentryEndpoint]:
+    """Sentry's endpoint on 127.0.0.1 for one test; the SDK is left with an inactive client after it."""
+    import sentry_sdk  # here, not at the top: most tests run with sentry-sdk not imported
+    from _sentry_endpoint import SentryEndpoint
+
+    receiver = SentryEndpoint()
+    yield receiver
+    sentry_sdk.init()
+    receiver.close()
 
 
 @pytest.fixture

@@ -308,7 +308,7 @@ MUTANTS = [
         RM,
     ),
     Mutant("rm/record-skips-ended", "request_metrics.py", "        _ended += 1\n", "        _ended += 0\n", RM),
-    Mutant("rm/equip-no-stack", "request_metrics.py", '("app", "middleware_stack")', '("app",)', RM),
+    Mutant("rm/equip-no-stack", "request_spans.py", '("app", "middleware_stack")', '("app",)', RM),
     Mutant("rm/no-base-http-middleware", "request_metrics.py", "(responses, base):", "(responses,):", RM),
     Mutant(
         "rm/inline-task-ends",

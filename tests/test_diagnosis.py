@@ -782,9 +782,9 @@ def test_a_subclass_of_a_known_exception_is_diagnosed() -> None:
 async def test_the_hint_reaches_sentry(
     tracer_provider: TracerProvider, exporter: InMemorySpanExporter, engine: Engine
 ) -> None:
-    from test_sentry import EnvelopeReceiver, init_sentry
+    from _sentry_endpoint import SentryEndpoint, init_sentry
 
-    receiver = EnvelopeReceiver()
+    receiver = SentryEndpoint()
     try:
         init_sentry(receiver.dsn, framework_integrations=False)
         app = otel_bgtasks.instrument(sync_session_app(engine, "expired object"), tracer_provider=tracer_provider)

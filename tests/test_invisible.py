@@ -39,7 +39,6 @@ from _differential import (
     Observed,
     Options,
     Scenario,
-    SentryReceiver,
     TaskFailed,
     Telemetry,
     Unit,
@@ -60,6 +59,7 @@ from _differential import (
     serve_with_uvicorn,
     sync_job,
 )
+from _sentry_endpoint import SentryEndpoint
 from conftest import starlettes_refusal
 from fastapi import FastAPI
 from hypothesis import HealthCheck, given, settings
@@ -204,8 +204,8 @@ def options(draw: st.DrawFn, scenario: Scenario) -> Options:
 
 
 @pytest.fixture(scope="module")
-def receiver() -> Iterator[SentryReceiver]:
-    receiver = SentryReceiver()
+def receiver() -> Iterator[SentryEndpoint]:
+    receiver = SentryEndpoint()
     yield receiver
     receiver.close()
 
@@ -267,7 +267,7 @@ def check_telemetry(scenario: Scenario, opts: Options, after: Observed) -> None:
 
 
 def arms(
-    scenario: Scenario, opts: Options, receiver: SentryReceiver | None = None, serve: Any = None
+    scenario: Scenario, opts: Options, receiver: SentryEndpoint | None = None, serve: Any = None
 ) -> tuple[Observed, Observed]:
     """The uninstrumented reference run and the instrumented run, not compared."""
     reference = run_arm(reference_scenario(scenario, opts), None, sentry=receiver, serve=serve)
@@ -277,7 +277,7 @@ def arms(
 def compare(
     scenario: Scenario,
     opts: Options,
-    receiver: SentryReceiver | None = None,
+    receiver: SentryEndpoint | None = None,
     serve: Any = None,
     *,
     forgive_known: bool = True,
@@ -316,7 +316,7 @@ def test_generated_apps_look_the_same(data: st.DataObject) -> None:
 @late_never_awaited
 @differential
 @given(data=st.data())
-def test_generated_apps_look_the_same_to_sentry(data: st.DataObject, receiver: SentryReceiver) -> None:
+def test_generated_apps_look_the_same_to_sentry(data: st.DataObject, receiver: SentryEndpoint) -> None:
     scenario = data.draw(scenarios(sentry=True), label="scenario")
     opts = data.draw(options(scenario), label="options")
     compare(scenario, opts, receiver)
@@ -552,15 +552,15 @@ def documented_no_never_awaited_warning() -> None:
     assert any("add_task" in line for line in after.own_logs)
 
 
-def test_forwarded_exception_unmarked(receiver: SentryReceiver) -> None:
+def test_forwarded_exception_unmarked(receiver: SentryEndpoint) -> None:
     compare(one(Unit("t0", "sync", fail="raise")), Options(), receiver, forgive_known=False)
 
 
-def test_translated_error_reaches_sentry(receiver: SentryReceiver) -> None:
+def test_translated_error_reaches_sentry(receiver: SentryEndpoint) -> None:
     compare(one(Unit("t0", "async", fail="raise"), stack=("translating",)), Options(), receiver)
 
 
-def test_one_sentry_event_for_add_task_of_a_coroutine_behind_base_http_middleware(receiver: SentryReceiver) -> None:
+def test_one_sentry_event_for_add_task_of_a_coroutine_behind_base_http_middleware(receiver: SentryEndpoint) -> None:
     """sentry-sdk alone reports Starlette's TypeError twice there (its integration's event, uvicorn's log line).
 
     README promises one event per failure, as for a task's own error (documented_sentry): found by a deep
@@ -571,7 +571,7 @@ def test_one_sentry_event_for_add_task_of_a_coroutine_behind_base_http_middlewar
     assert after.sentry == [("exception", (f".TypeError: {starlettes_refusal('coroutine')}",))]
 
 
-def test_one_sentry_event_for_add_task_of_a_coroutine(receiver: SentryReceiver) -> None:
+def test_one_sentry_event_for_add_task_of_a_coroutine(receiver: SentryEndpoint) -> None:
     reference, after = arms(one(Unit("t0", "coroutine")), Options(), receiver)
     assert len(reference.sentry) == 1
     assert len(after.sentry) == 1
@@ -582,7 +582,7 @@ def test_timeout_translated_by_a_middleware() -> None:
     compare(one(Unit("t0", "slow"), stack=("translating",)), Options())
 
 
-def test_one_sentry_event_for_a_failure_in_a_nested_background_tasks(receiver: SentryReceiver) -> None:
+def test_one_sentry_event_for_a_failure_in_a_nested_background_tasks(receiver: SentryEndpoint) -> None:
     compare(one(Unit("t0", "nested", fail="raise")), Options(), receiver)
 
 
@@ -872,7 +872,7 @@ def test_plugin_blames_only_the_owning_test(pytester: pytest.Pytester) -> None:
     result.assert_outcomes(passed=2)
 
 
-def test_one_sentry_event_for_a_handled_task_failure(receiver: SentryReceiver) -> None:
+def test_one_sentry_event_for_a_handled_task_failure(receiver: SentryEndpoint) -> None:
     compare(one(Unit("t0", "sync", fail="raise"), handler=True, stack=("base_http",)), Options(), receiver)
 
 

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import gzip
 import json
 import socket
 import subprocess
 import sys
-import threading
 import time
 import weakref
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 from typing import Any
 
@@ -21,14 +17,13 @@ import anyio.to_thread
 import httpx
 import pytest
 import sentry_sdk
+from _sentry_endpoint import SentryEndpoint, init_sentry
 from _servers import records_not_retained
 from conftest import task_spans
 from fastapi import BackgroundTasks, FastAPI
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from sentry_sdk.integrations.fastapi import FastApiIntegration
-from sentry_sdk.integrations.starlette import StarletteIntegration
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
@@ -49,61 +44,6 @@ async def charge_async(card: str, password: str) -> None:
 
 def notify(order: int) -> None:
     raise AssertionError("skipped: never runs")
-
-
-class EnvelopeReceiver:
-    """Sentry's ingestion endpoint, as far as the SDK's HTTP transport can tell."""
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                if self.headers.get("Content-Encoding") == "gzip":
-                    body = gzip.decompress(body)
-                lines = body.split(b"\n")
-                for header, payload in zip(lines[1::2], lines[2::2], strict=False):
-                    if json.loads(header).get("type") == "event":
-                        receiver.events.append(json.loads(payload))
-                self.send_response(200)
-                self.end_headers()
-                self.wfile.write(b"{}")
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def dsn(self) -> str:
-        return f"http://public@127.0.0.1:{self.server.server_address[1]}/1"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join()
-
-
-@pytest.fixture
-def receiver() -> Iterator[EnvelopeReceiver]:
-    receiver = EnvelopeReceiver()
-    yield receiver
-    sentry_sdk.init()  # an inactive client for the tests after this one
-    receiver.close()
-
-
-def init_sentry(dsn: str, *, framework_integrations: bool, **options: Any) -> None:
-    integrations = [StarletteIntegration(), FastApiIntegration()] if framework_integrations else []
-    sentry_sdk.init(
-        dsn=dsn,
-        integrations=integrations,
-        auto_enabling_integrations=False,
-        **options,
-    )
 
 
 def app_with(*tasks: tuple[Any, tuple[Any, ...]], handler: bool = False) -> FastAPI:
@@ -136,7 +76,7 @@ CARD = ("4000000000000002", "hunter2")
 @pytest.mark.parametrize("framework_integrations", [False, True], ids=["sentry-alone", "sentry-starlette-fastapi"])
 @pytest.mark.parametrize("task", [charge_sync, charge_async], ids=["sync", "async"])
 async def test_one_event_per_failure_tied_to_the_trace(
-    receiver: EnvelopeReceiver,
+    receiver: SentryEndpoint,
     tracer_provider: TracerProvider,
     exporter: InMemorySpanExporter,
     framework_integrations: bool,
@@ -175,7 +115,7 @@ async def test_one_event_per_failure_tied_to_the_trace(
 
 
 async def test_handled_exception_type_still_one_event(
-    receiver: EnvelopeReceiver, tracer_provider: TracerProvider
+    receiver: SentryEndpoint, tracer_provider: TracerProvider
 ) -> None:
     """Starlette re-raises it as "Caught handled exception, but response already started"."""
     init_sentry(receiver.dsn, framework_integrations=True)
@@ -191,7 +131,7 @@ async def test_handled_exception_type_still_one_event(
 @pytest.mark.filterwarnings("ignore:The send_default_pii option is deprecated:DeprecationWarning")
 @pytest.mark.parametrize(("pii", "sent"), [(True, True), (False, False)])
 async def test_arguments_only_with_capture_args_and_send_default_pii(
-    receiver: EnvelopeReceiver, tracer_provider: TracerProvider, exporter: InMemorySpanExporter, pii: bool, sent: bool
+    receiver: SentryEndpoint, tracer_provider: TracerProvider, exporter: InMemorySpanExporter, pii: bool, sent: bool
 ) -> None:
     init_sentry(receiver.dsn, framework_integrations=False, send_default_pii=pii)
     app = otel_bgtasks.instrument(app_with((charge_sync, CARD)), tracer_provider=tracer_provider, capture_args=True)
@@ -233,9 +173,7 @@ async def test_endpoint_down_never_affects_task_or_request(tracer_provider: Trac
     assert ran == [2]  # the second task of the first request was skipped by Starlette, as without Sentry
 
 
-async def test_no_dsn_and_sentry_false_send_nothing(
-    receiver: EnvelopeReceiver, tracer_provider: TracerProvider
-) -> None:
+async def test_no_dsn_and_sentry_false_send_nothing(receiver: SentryEndpoint, tracer_provider: TracerProvider) -> None:
     sentry_sdk.init()  # no DSN: an inactive client
     app = otel_bgtasks.instrument(app_with((charge_sync, CARD)), tracer_provider=tracer_provider)
     assert (await post(app)).status_code == 200
@@ -276,7 +214,7 @@ def lookup(key: str) -> None:
     raise KeyError(key)  # a builtin exception: it cannot be weakly referenced
 
 
-async def test_builtin_exception_is_one_event_too(receiver: EnvelopeReceiver, tracer_provider: TracerProvider) -> None:
+async def test_builtin_exception_is_one_event_too(receiver: SentryEndpoint, tracer_provider: TracerProvider) -> None:
     init_sentry(receiver.dsn, framework_integrations=True)
     app = otel_bgtasks.instrument(app_with((lookup, ("sku-1",))), tracer_provider=tracer_provider)
 
@@ -290,7 +228,7 @@ async def test_builtin_exception_is_one_event_too(receiver: EnvelopeReceiver, tr
 
 @pytest.mark.parametrize("asked", ["argument", "environment"])
 async def test_sentry_true_forwards_exactly_one_event_per_failure(
-    receiver: EnvelopeReceiver,
+    receiver: SentryEndpoint,
     tracer_provider: TracerProvider,
     exporter: InMemorySpanExporter,
     monkeypatch: pytest.MonkeyPatch,
@@ -345,7 +283,7 @@ def forget_the_last_job() -> None:
 @pytest.mark.parametrize("initialised", [False, True], ids=["sentry-imported-only", "sentry-initialised"])
 @pytest.mark.parametrize("kind", ["def", "async def"])
 async def test_failed_task_exception_and_its_frames_are_freed(
-    receiver: EnvelopeReceiver,
+    receiver: SentryEndpoint,
     tracer_provider: TracerProvider,
     exporter: InMemorySpanExporter,
     initialised: bool,
@@ -384,7 +322,7 @@ async def test_failed_task_exception_and_its_frames_are_freed(
 
 
 async def test_sync_timeout_inside_background_tasks_is_one_event(
-    receiver: EnvelopeReceiver, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
+    receiver: SentryEndpoint, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
 ) -> None:
     """FastAPI's normal case: ``add_task`` in a route, and the ``def`` task overruns its timeout."""
     init_sentry(receiver.dsn, framework_integrations=True)

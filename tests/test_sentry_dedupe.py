@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 import sentry_sdk
 import starlette
+from _sentry_endpoint import SentryEndpoint, init_sentry
 from _servers import serving, taken_for_a_factory
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from starlette.applications import Starlette
@@ -25,7 +26,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
-from test_sentry import EnvelopeReceiver, init_sentry
 
 import otel_bgtasks
 from otel_bgtasks import sentry
@@ -53,14 +53,6 @@ def charge(card: str) -> None:
     raise CardDeclined(f"card {card[-4:]} declined")
 
 
-@pytest.fixture
-def receiver() -> Iterator[EnvelopeReceiver]:
-    receiver = EnvelopeReceiver()
-    yield receiver
-    sentry_sdk.init()  # an inactive client for the tests after this one
-    receiver.close()
-
-
 def starlette_app(queue: Callable[[BackgroundTasks], None], *, handled: type[Exception] | None = None) -> Starlette:
     """One route that queues tasks; optionally an exception handler for ``handled``."""
 
@@ -79,7 +71,7 @@ def starlette_app(queue: Callable[[BackgroundTasks], None], *, handled: type[Exc
 
 
 def events_of(
-    receiver: EnvelopeReceiver,
+    receiver: SentryEndpoint,
     app: ASGIApp,
     tracer_provider: TracerProvider,
     *,
@@ -113,7 +105,7 @@ both_integrations = pytest.mark.parametrize(
 
 @both_integrations
 def test_coroutine_object_task_is_one_event(
-    receiver: EnvelopeReceiver, tracer_provider: TracerProvider, framework_integrations: bool
+    receiver: SentryEndpoint, tracer_provider: TracerProvider, framework_integrations: bool
 ) -> None:
     """``add_task(notify_followers(7))``: the ERROR said at ``add_task`` is not an event of its own."""
     made: list[Any] = []
@@ -138,7 +130,7 @@ def test_coroutine_object_task_is_one_event(
 
 
 def test_uvicorn_detects_the_same_app_with_sentrys_starlette_integration(
-    receiver: EnvelopeReceiver, tracer_provider: TracerProvider
+    receiver: SentryEndpoint, tracer_provider: TracerProvider
 ) -> None:
     """What uvicorn's factory detection gets (the app called with no arguments) is the same with otel_bgtasks.
 
@@ -188,7 +180,7 @@ class Translating:
 @both_integrations
 @pytest.mark.parametrize("how", ["from None", "from exc", "cleanup in except"])
 def test_app_error_raised_while_a_failure_propagates_reaches_sentry(
-    receiver: EnvelopeReceiver, tracer_provider: TracerProvider, framework_integrations: bool, how: str
+    receiver: SentryEndpoint, tracer_provider: TracerProvider, framework_integrations: bool, how: str
 ) -> None:
     """The app's own error whose chain holds the forwarded one is reported, as uninstrumented."""
     app = Translating(starlette_app(lambda tasks: tasks.add_task(charge, "4000000000000002")), how)
@@ -225,7 +217,7 @@ class Outer:
 
 @both_integrations
 def test_failure_in_a_nested_background_tasks_is_one_event(
-    receiver: EnvelopeReceiver, tracer_provider: TracerProvider, framework_integrations: bool
+    receiver: SentryEndpoint, tracer_provider: TracerProvider, framework_integrations: bool
 ) -> None:
     """A BackgroundTasks queued as a task of another: its failing task's exception fails the outer task too."""
 
@@ -252,7 +244,7 @@ async def _passing(request: Request, call_next: RequestResponseEndpoint) -> Resp
 
 @both_integrations
 def test_handled_task_failure_is_one_event(
-    receiver: EnvelopeReceiver, tracer_provider: TracerProvider, framework_integrations: bool
+    receiver: SentryEndpoint, tracer_provider: TracerProvider, framework_integrations: bool
 ) -> None:
     """A handler for the task's error: Starlette re-raises it as "Caught handled exception" (``from`` it).
 
@@ -364,7 +356,7 @@ def fails_with(error: BaseException) -> Callable[[], None]:
     "make", [lambda: CardDeclined("0002"), lambda: KeyError("sku-1"), KeyboardInterrupt, Interrupt], ids=repr
 )
 def test_forwarded_exception_carries_no_mark(
-    receiver: EnvelopeReceiver, tracer_provider: TracerProvider, make: Callable[[], BaseException]
+    receiver: SentryEndpoint, tracer_provider: TracerProvider, make: Callable[[], BaseException]
 ) -> None:
     """What reaches the caller is the exception as raised: nothing added to ``vars(exc)``; and one event."""
     error = make()
@@ -451,7 +443,7 @@ class BrokenProcessor(SpanProcessor):
             raise ProcessorBroken("a span processor that fails")
 
 
-def test_an_internal_error_still_reaches_sentry(receiver: EnvelopeReceiver) -> None:
+def test_an_internal_error_still_reaches_sentry(receiver: SentryEndpoint) -> None:
     """otel_bgtasks' own failure is an event while task failures are forwarded (and the task runs as it would)."""
     ran: list[str] = []
     tracer_provider = TracerProvider()
@@ -465,7 +457,7 @@ def test_an_internal_error_still_reaches_sentry(receiver: EnvelopeReceiver) -> N
     assert exception_types(event) == ["ProcessorBroken"]
 
 
-def test_skipped_breadcrumbs_are_bounded(receiver: EnvelopeReceiver, tracer_provider: TracerProvider) -> None:
+def test_skipped_breadcrumbs_are_bounded(receiver: SentryEndpoint, tracer_provider: TracerProvider) -> None:
     """A failure that left 30 tasks unrun: 20 breadcrumbs name them, one counts the other 10."""
     init_sentry(receiver.dsn, framework_integrations=False)
     otel_bgtasks.instrument(tracer_provider=tracer_provider)
