@@ -1,7 +1,7 @@
 """Per-task cost of otel_bgtasks and its peers, in units of one bare SDK span, measured side by side in one run.
 
     python benchmarks/bench_overhead.py                  # times, about a minute
-    python benchmarks/bench_overhead.py --instructions   # instruction counts under callgrind, 3-6 minutes
+    python benchmarks/bench_overhead.py --instructions   # instruction counts under callgrind, 4-8 minutes
     python benchmarks/bench_overhead.py --breakdown      # the same, and where the cost goes, 6-12 minutes
     python benchmarks/bench_overhead.py --quick ...      # fewer iterations, for a smoke run
 
@@ -697,21 +697,25 @@ def counts_of(out_file: Path, runners: int, n: int) -> list[Count]:
 
 
 def run_children(jobs: list[tuple[str, int]], out_dir: Path, parallel: int, warmup: int) -> None:
-    """Run each (name, n) under callgrind, ``parallel`` at a time; fail with the child's output if one fails."""
+    """Run each (name, n) under callgrind, ``parallel`` at a time; fail with the child's output if one fails.
+
+    A name ``arm~i`` runs ``arm`` in memory layout ``i`` (see :func:`callgrind.environment`).
+    """
     pending = list(jobs)
     running: list[tuple[str, subprocess.Popen[bytes], Path]] = []
     script = str(Path(__file__).resolve())
     while pending or running:
         while pending and len(running) < parallel:
             name, n = pending.pop(0)
+            arm, _, layout = name.partition("~")
             log = out_dir / f"{name}.log"
-            argv = [sys.executable, script, "--child", name, "--n", str(n), "--warmup", str(warmup)]
+            argv = [sys.executable, script, "--child", arm, "--n", str(n), "--warmup", str(warmup)]
             with log.open("wb") as output:
                 process = subprocess.Popen(
                     callgrind.command(out_dir / f"{name}.out", argv),
                     stdout=output,
                     stderr=subprocess.STDOUT,
-                    env=callgrind.environment(),
+                    env=callgrind.environment(int(layout or 0)),
                 )
             running.append((name, process, log))
         time.sleep(0.2)
@@ -745,6 +749,10 @@ def instructions_mode(args: argparse.Namespace) -> int:
     names = selected_arms(args.breakdown, args.only)
     # The unit is one span, not a request of five tasks: run it once per task. A request arm: n requests.
     jobs = [(name, n if ARMS[name].per_request else n * TASKS // ARMS[name].per) for name in names]
+    # A per-request figure is a few thousand instructions between two processes of about 450 k each, and
+    # moves by up to 1.4 k with the processes' memory layout alone: measured in several layouts, averaged.
+    layouts = range(1, args.layouts)
+    jobs += [(f"{name}~{i}", n) for name in names if ARMS[name].per_request for i in layouts]
     if args.breakdown:
         jobs.append(("pieces", n * TASKS))
     check_all(names)  # fail fast, before minutes under callgrind
@@ -755,13 +763,17 @@ def instructions_mode(args: argparse.Namespace) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
         print(f"callgrind: {len(jobs)} processes, {args.jobs} at a time, files in {out_dir}", file=sys.stderr)
         run_children(jobs, out_dir, args.jobs, args.warmup)
-        counts = {name: counts_of(out_dir / f"{name}.out", 1, runs)[0] for name, runs in jobs if name != "pieces"}
+        every = {name: counts_of(out_dir / f"{name}.out", 1, runs)[0] for name, runs in jobs if name != "pieces"}
+        counts = {name: every[name] for name in names}
+        in_layouts = {
+            name: [every[name]] + [every[f"{name}~{i}"] for i in layouts] for name in names if ARMS[name].per_request
+        }
         per_task = {name: count.per_iteration / ARMS[name].per for name, count in counts.items()}
         print(header(f"{n} requests of {TASKS} async tasks per arm ({n * TASKS} bare spans for the unit)"))
         task_arms = [name for name in names if not ARMS[name].per_request]
         print_counts(task_arms, counts, per_task)
         print_calls(task_arms, counts, n)
-        print_requests([name for name in names if ARMS[name].per_request], counts, per_task["unit"], n)
+        print_requests([name for name in names if ARMS[name].per_request], in_layouts, per_task["unit"], n)
         if args.breakdown:
             print_parts(per_task)
             print_pieces(per_task["unit"], out_dir, n)
@@ -789,24 +801,33 @@ def print_counts(names: Sequence[str], counts: dict[str, Count], per_task: dict[
         print(f"{arm.label:62} {extra:+17,.0f} {extra / span:15.2f} {target_text:>7} {drift}{verdict}")
 
 
-def print_requests(names: Sequence[str], counts: dict[str, Count], span: float, n: int) -> None:
-    """Per request through contrib's middleware: what request_metrics_end_at_response adds, tasks or not."""
+def print_requests(names: Sequence[str], counts: dict[str, list[Count]], span: float, n: int) -> None:
+    """Per request through contrib's middleware: what request_metrics_end_at_response adds, tasks or not.
+
+    ``counts``: each arm's count in each memory layout; a row shows the mean, and the extra's range.
+    """
     if not names:
         return
+    layouts = len(counts[names[0]])
     print(f"\nPer request through contrib's OpenTelemetryMiddleware ({n} requests per region), instructions:")
-    print("rows with a sign: extra over the same request with request_metrics_end_at_response off.")
-    print(f"{'arm':62} {'instructions/req':>17} {'bare spans/req':>15} {'target':>7} {'drift':>7}")
+    print("rows with a sign: extra over the same request with request_metrics_end_at_response off,")
+    print(f"the mean over {layouts} memory layout(s), each arm and its baseline in the same layout; and each layout's.")
+    print(f"{'arm':62} {'instructions/req':>17} {'bare spans/req':>15} {'target':>7} {'drift':>7}  per layout")
     for name in names:
-        arm, count = ARMS[name], counts[name]
-        drift = f"{count.drift:+7.2%}"
+        arm, per_layout = ARMS[name], counts[name]
+        mean = statistics.fmean(count.per_iteration for count in per_layout)
+        drift = f"{max((count.drift for count in per_layout), key=abs):+7.2%}"
         if arm.baseline is None:
-            print(f"{arm.label:62} {count.per_iteration:17,.0f} {count.per_iteration / span:15.2f} {'':>7} {drift}")
+            print(f"{arm.label:62} {mean:17,.0f} {mean / span:15.2f} {'':>7} {drift}")
             continue
-        extra = count.per_iteration - counts[arm.baseline].per_iteration
+        baselines = counts[arm.baseline]
+        extras = [count.per_iteration - base.per_iteration for count, base in zip(per_layout, baselines, strict=True)]
+        extra = statistics.fmean(extras)
         target = REQUEST_TARGETS.get(name)
         verdict = "" if target is None else (" ok" if extra <= target else " OVER")
         target_text = "" if target is None else f"<= {target / 1000:g}k"
-        print(f"{arm.label:62} {extra:+17,.0f} {extra / span:15.3f} {target_text:>7} {drift}{verdict}")
+        spread = "  " + " ".join(f"{value / 1000:+.1f}k" for value in extras) if layouts > 1 else ""
+        print(f"{arm.label:62} {extra:+17,.0f} {extra / span:15.3f} {target_text:>7} {drift}{verdict:5}{spread}")
 
 
 def print_calls(names: Sequence[str], counts: dict[str, Count], n: int) -> None:
@@ -943,6 +964,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="callgrind processes at a time [2]")
     parser.add_argument("--n", type=int, help="requests per region under callgrind [200; 40 with --quick]")
     parser.add_argument("--warmup", type=int, default=20, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--layouts", type=int, default=4, help="memory layouts each per-request arm runs in, averaged [4]"
+    )
     parser.add_argument("--keep", help="write callgrind's files to this directory (default: a new temporary one)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
