@@ -31,6 +31,7 @@ import anyio.from_thread
 import httpx
 import pytest
 import sentry_sdk
+from _differential import SentryReceiver
 from _servers import serving
 from conftest import task_spans
 from fastapi import BackgroundTasks, Depends, FastAPI
@@ -177,6 +178,11 @@ def collect_failure(errors: pytest.LogCaptureFixture, category: type[Warning]) -
             error = record.exc_info[1] if record.exc_info else None
             while error is not None:  # the log record keeps the tracebacks, and their frames the leftovers
                 traceback.clear_frames(error.__traceback__)
+                for frame, _ in traceback.walk_tb(error.__traceback__):
+                    # Before Python 3.13 a frame keeps a copy of its locals once something read them (sentry-sdk
+                    # does, for the event it makes of this ERROR record) and clear() leaves it: reading them
+                    # again, now the frame is cleared, empties it.
+                    frame.f_locals  # noqa: B018  # the read is the point
                 error = error.__cause__ or error.__context__
         gc.collect()
 
@@ -371,10 +377,44 @@ async def call_api(client: httpx.AsyncClient) -> None:
     await client.get("/")
 
 
+@pytest.fixture(params=["sentry-off", "sentry-without-dsn", "sentry-sending"])
+def sentry_state(request: pytest.FixtureRequest) -> Iterator[SentryReceiver | None]:
+    """Sentry as the test is given it, whatever an earlier test left (test_sentry.py leaves ``sentry_sdk.init()``).
+
+    ``sentry_sdk.init()`` without a DSN is no inactive client: it makes an event of every ERROR record (reading
+    the locals of its traceback's frames) and runs it through its integrations, then drops it for want of a
+    transport. Yields the receiver of "sentry-sending"; the previous client is put back afterwards.
+    """
+    scope = sentry_sdk.get_global_scope()
+    previous = scope.client
+    receiver = SentryReceiver() if request.param == "sentry-sending" else None
+    if request.param == "sentry-off":
+        scope.set_client(None)  # sentry-sdk's non-recording client
+    else:
+        sentry_sdk.init(dsn=receiver.dsn if receiver is not None else None)
+    try:
+        yield receiver
+    finally:
+        if receiver is not None:
+            sentry_sdk.flush(timeout=5)
+            sentry_sdk.get_client().close()
+            receiver.close()
+        scope.set_client(previous)
+
+
 async def test_an_httpx_client_warmed_up_on_a_loop_that_is_gone(
-    instrument: Any, exporter: InMemorySpanExporter, errors: pytest.LogCaptureFixture, remote_api: str
+    instrument: Any,
+    exporter: InMemorySpanExporter,
+    errors: pytest.LogCaptureFixture,
+    remote_api: str,
+    sentry_state: SentryReceiver | None,
 ) -> None:
-    """``asyncio.run(client.get(...))`` at import: the pooled connection belongs to a closed loop."""
+    """``asyncio.run(client.get(...))`` at import: the pooled connection belongs to a closed loop.
+
+    Nothing otel_bgtasks keeps holds the client once the failure is reported, with or without Sentry.
+    (Sentry keeps the exception itself: its DedupeIntegration holds the last one it saw, a builtin one by a
+    strong reference, in a context variable of the test's task; its frames are cleared below all the same.)
+    """
     module = {"client": httpx.AsyncClient(base_url=remote_api)}  # as a module-level client would be
     in_thread(partial(asyncio.run, module["client"].get("/")))
     app = FastAPI()
@@ -388,6 +428,12 @@ async def test_an_httpx_client_warmed_up_on_a_loop_that_is_gone(
 
     span = assert_diagnosed(exporter, errors, LOOP, "create it in the app's lifespan or inside the task")
     assert span.status.description == "Event loop is closed"
+    if sentry_state is not None:  # Sentry made its event of the failure (forwarding is off: of the ERROR record)
+        sentry_sdk.flush(timeout=5)
+        (event,) = sentry_state.events
+        assert [(e["type"], e["value"]) for e in event["exception"]["values"]] == [
+            ("RuntimeError", span.status.description)
+        ]
     alive = weakref.ref(module.pop("client"))
     collect_failure(errors, ResourceWarning)  # its socket cannot be closed properly: that needs its loop
     assert alive() is None
