@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import anyio
@@ -112,6 +113,28 @@ def task_spans(exporter: InMemorySpanExporter) -> list[ReadableSpan]:
 
 def spans_named(exporter: InMemorySpanExporter, name: str) -> list[ReadableSpan]:
     return [s for s in exporter.get_finished_spans() if s.name == name]
+
+
+@contextmanager
+def sentry_set_aside() -> Iterator[None]:
+    """Sentry off (its non-recording client) inside, whatever an earlier test left; that client put back after.
+
+    ``sentry_sdk.init()`` without a DSN is no inactive client: it makes an event of every ERROR record with an
+    exception, reading the locals of its frames, and runs it through its integrations (DedupeIntegration keeps
+    the exception) before dropping it for want of a transport. Imported here, not at the top: importing
+    sentry_sdk is what switches otel_bgtasks' "auto" forwarding on.
+    """
+    import sentry_sdk
+
+    scope = sentry_sdk.Scope.get_global_scope()
+    previous = scope.client
+    scope.set_client(None)
+    try:
+        yield
+    finally:
+        if scope.client is not previous:
+            scope.client.close(timeout=0)  # the test flushed what it meant to send
+        scope.set_client(previous)
 
 
 @pytest.fixture

@@ -31,9 +31,8 @@ import anyio.from_thread
 import httpx
 import pytest
 import sentry_sdk
-from _differential import SentryReceiver
 from _servers import serving
-from conftest import task_spans
+from conftest import sentry_set_aside, task_spans
 from fastapi import BackgroundTasks, Depends, FastAPI
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -378,28 +377,24 @@ async def call_api(client: httpx.AsyncClient) -> None:
 
 
 @pytest.fixture(params=["sentry-off", "sentry-without-dsn", "sentry-sending"])
-def sentry_state(request: pytest.FixtureRequest) -> Iterator[SentryReceiver | None]:
-    """Sentry as the test is given it, whatever an earlier test left (test_sentry.py leaves ``sentry_sdk.init()``).
+def sentry_state(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """Sentry as the test is given it, whatever an earlier test left (see ``sentry_set_aside``).
 
-    ``sentry_sdk.init()`` without a DSN is no inactive client: it makes an event of every ERROR record (reading
-    the locals of its traceback's frames) and runs it through its integrations, then drops it for want of a
-    transport. Yields the receiver of "sentry-sending"; the previous client is put back afterwards.
+    Yields the receiver on 127.0.0.1 (test_sentry's) that "sentry-sending" sends to, else None.
     """
-    scope = sentry_sdk.get_global_scope()
-    previous = scope.client
-    receiver = SentryReceiver() if request.param == "sentry-sending" else None
-    if request.param == "sentry-off":
-        scope.set_client(None)  # sentry-sdk's non-recording client
-    else:
+    from test_sentry import EnvelopeReceiver
+
+    with sentry_set_aside():
+        if request.param == "sentry-off":
+            yield None
+            return
+        receiver = EnvelopeReceiver() if request.param == "sentry-sending" else None
         sentry_sdk.init(dsn=receiver.dsn if receiver is not None else None)
-    try:
-        yield receiver
-    finally:
-        if receiver is not None:
-            sentry_sdk.flush(timeout=5)
-            sentry_sdk.get_client().close()
-            receiver.close()
-        scope.set_client(previous)
+        try:
+            yield receiver
+        finally:
+            if receiver is not None:
+                receiver.close()
 
 
 async def test_an_httpx_client_warmed_up_on_a_loop_that_is_gone(
@@ -407,7 +402,7 @@ async def test_an_httpx_client_warmed_up_on_a_loop_that_is_gone(
     exporter: InMemorySpanExporter,
     errors: pytest.LogCaptureFixture,
     remote_api: str,
-    sentry_state: SentryReceiver | None,
+    sentry_state: Any,
 ) -> None:
     """``asyncio.run(client.get(...))`` at import: the pooled connection belongs to a closed loop.
 
@@ -832,12 +827,12 @@ async def test_the_hint_reaches_sentry(
 
     receiver = EnvelopeReceiver()
     try:
-        init_sentry(receiver.dsn, framework_integrations=False)
-        app = otel_bgtasks.instrument(sync_session_app(engine, "expired object"), tracer_provider=tracer_provider)
-        await get(app)
-        sentry_sdk.flush(timeout=5)
+        with sentry_set_aside():
+            init_sentry(receiver.dsn, framework_integrations=False)
+            app = otel_bgtasks.instrument(sync_session_app(engine, "expired object"), tracer_provider=tracer_provider)
+            await get(app)
+            sentry_sdk.flush(timeout=5)
     finally:
-        sentry_sdk.init()
         receiver.close()
 
     (event,) = receiver.events

@@ -17,6 +17,7 @@ import pytest
 import sentry_sdk
 import starlette
 from _servers import serving, taken_for_a_factory
+from conftest import sentry_set_aside
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask, BackgroundTasks
@@ -55,10 +56,10 @@ def charge(card: str) -> None:
 
 @pytest.fixture
 def receiver() -> Iterator[EnvelopeReceiver]:
-    receiver = EnvelopeReceiver()
-    yield receiver
-    sentry_sdk.init()  # an inactive client for the tests after this one
-    receiver.close()
+    with sentry_set_aside():  # Sentry off to start with, the client found put back after
+        receiver = EnvelopeReceiver()
+        yield receiver
+        receiver.close()
 
 
 def starlette_app(queue: Callable[[BackgroundTasks], None], *, handled: type[Exception] | None = None) -> Starlette:
