@@ -39,6 +39,7 @@ import httpx
 import pydantic
 import sentry_sdk
 from _sentry_endpoint import SentryEndpoint
+from conftest import sentry_set_aside
 from fastapi import BackgroundTasks as FastAPIBackgroundTasks
 from fastapi import FastAPI
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
@@ -717,18 +718,17 @@ def sentry_summary(event: dict[str, Any]) -> Any:
 
 @contextmanager
 def sentry_on(receiver: SentryEndpoint) -> Iterator[None]:
-    sentry_sdk.init(
-        dsn=receiver.dsn,
-        integrations=[StarletteIntegration(), FastApiIntegration()],
-        auto_enabling_integrations=False,
-        default_integrations=True,
-    )
-    try:
-        yield
-    finally:
-        sentry_sdk.flush(5)
-        sentry_sdk.get_client().close()
-        sentry_sdk.init()  # an inactive client for whatever runs next
+    with sentry_set_aside():  # the client found put back after, for whatever runs next
+        sentry_sdk.init(
+            dsn=receiver.dsn,
+            integrations=[StarletteIntegration(), FastApiIntegration()],
+            auto_enabling_integrations=False,
+            default_integrations=True,
+        )
+        try:
+            yield
+        finally:
+            sentry_sdk.flush(5)
 
 
 # -- one arm ------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -86,14 +87,13 @@ def with_native(values: list[str]) -> list[object]:
 
 @pytest.fixture
 def receiver() -> Iterator[SentryEndpoint]:
-    """Sentry's endpoint on 127.0.0.1 for one test; the SDK is left with an inactive client after it."""
-    import sentry_sdk  # here, not at the top: most tests run with sentry-sdk not imported
-    from _sentry_endpoint import SentryEndpoint
+    """Sentry's endpoint on 127.0.0.1 for one test, with Sentry off until the test initialises it."""
+    from _sentry_endpoint import SentryEndpoint  # imports sentry_sdk: here, as most tests run without it
 
-    receiver = SentryEndpoint()
-    yield receiver
-    sentry_sdk.init()
-    receiver.close()
+    with sentry_set_aside():  # Sentry off to start with, the client found put back after
+        receiver = SentryEndpoint()
+        yield receiver
+        receiver.close()
 
 
 @pytest.fixture
@@ -127,6 +127,28 @@ def task_spans(exporter: InMemorySpanExporter) -> list[ReadableSpan]:
 
 def spans_named(exporter: InMemorySpanExporter, name: str) -> list[ReadableSpan]:
     return [s for s in exporter.get_finished_spans() if s.name == name]
+
+
+@contextmanager
+def sentry_set_aside() -> Iterator[None]:
+    """Sentry off (its non-recording client) inside, whatever an earlier test left; that client put back after.
+
+    ``sentry_sdk.init()`` without a DSN is no inactive client: it makes an event of every ERROR record with an
+    exception, reading the locals of its frames, and runs it through its integrations (DedupeIntegration keeps
+    the exception) before dropping it for want of a transport. Imported here, not at the top: importing
+    sentry_sdk is what switches otel_bgtasks' "auto" forwarding on.
+    """
+    import sentry_sdk
+
+    scope = sentry_sdk.Scope.get_global_scope()
+    previous = scope.client
+    scope.set_client(None)
+    try:
+        yield
+    finally:
+        if scope.client is not previous:
+            scope.client.close(timeout=0)  # the test flushed what it meant to send
+        scope.set_client(previous)
 
 
 @pytest.fixture

@@ -685,7 +685,7 @@ async def test_sentry_wraps_the_middleware_too(tracer_provider: TracerProvider) 
                 assert_includes_task(served)
             otel_bgtasks.uninstrument()
     finally:
-        sentry_sdk.init()  # an inactive client for the tests after this one
+        sentry_sdk.Scope.get_global_scope().set_client(None)  # off, as never initialised: see sentry_set_aside
 
 
 # -- Installing and removing ------------------------------------------------------------------------
