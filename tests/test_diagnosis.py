@@ -31,6 +31,7 @@ import anyio.from_thread
 import httpx
 import pytest
 import sentry_sdk
+from _sentry_endpoint import SentryEndpoint, init_sentry
 from _servers import serving
 from conftest import sentry_set_aside, task_spans
 from fastapi import BackgroundTasks, Depends, FastAPI
@@ -380,15 +381,13 @@ async def call_api(client: httpx.AsyncClient) -> None:
 def sentry_state(request: pytest.FixtureRequest) -> Iterator[Any]:
     """Sentry as the test is given it, whatever an earlier test left (see ``sentry_set_aside``).
 
-    Yields the receiver on 127.0.0.1 (test_sentry's) that "sentry-sending" sends to, else None.
+    Yields the endpoint on 127.0.0.1 that "sentry-sending" sends to, else None.
     """
-    from test_sentry import EnvelopeReceiver
-
     with sentry_set_aside():
         if request.param == "sentry-off":
             yield None
             return
-        receiver = EnvelopeReceiver() if request.param == "sentry-sending" else None
+        receiver = SentryEndpoint() if request.param == "sentry-sending" else None
         sentry_sdk.init(dsn=receiver.dsn if receiver is not None else None)
         try:
             yield receiver
@@ -823,8 +822,6 @@ def test_a_subclass_of_a_known_exception_is_diagnosed() -> None:
 async def test_the_hint_reaches_sentry(
     tracer_provider: TracerProvider, exporter: InMemorySpanExporter, engine: Engine
 ) -> None:
-    from _sentry_endpoint import SentryEndpoint, init_sentry
-
     receiver = SentryEndpoint()
     try:
         with sentry_set_aside():
