@@ -39,7 +39,7 @@ import httpx
 import pydantic
 import sentry_sdk
 from _sentry_endpoint import SentryEndpoint
-from conftest import sentry_set_aside
+from conftest import assert_originals_restored, sentry_set_aside
 from fastapi import BackgroundTasks as FastAPIBackgroundTasks
 from fastapi import FastAPI
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
@@ -742,7 +742,7 @@ def run_arm(
     serve: Callable[[Any, Observed], None] | None = None,
 ) -> Observed:
     """Build the app of ``scenario``, instrument it per ``options`` (None: not at all), send one request."""
-    assert_starlette_untouched()
+    assert_originals_restored()  # neither arm may inherit a patch of an earlier arm or test
     observed = Observed()
     telemetry = Telemetry()
     seen = SeenByMiddleware()
@@ -776,7 +776,7 @@ def run_arm(
                 # next arm, uninstrumented or not, starts from plain Starlette (test_task_dying_with_its_loop_...).
                 FastAPIInstrumentor.uninstrument_app(inner)
         del app, inner
-    assert_starlette_untouched()
+    assert_originals_restored()
     observed.effects = list(EFFECTS)
     observed.middleware = seen.events
     observed.raw_vars = sorted(vars(seen.raw)) if seen.raw is not None else None
@@ -790,17 +790,6 @@ def run_arm(
 @contextmanager
 def _nothing() -> Iterator[None]:
     yield
-
-
-# Starlette's own, as imported: what every arm must start and end with (neither arm may inherit a patch).
-_STARLETTE_CALLS = (vars(BackgroundTask)["__call__"], vars(BackgroundTasks)["__call__"])
-
-
-def assert_starlette_untouched() -> None:
-    """Starlette's task classes are as Starlette made them: no patch left by an earlier arm or test."""
-    calls = (vars(BackgroundTask)["__call__"], vars(BackgroundTasks)["__call__"])
-    assert calls == _STARLETTE_CALLS, f"left patched: {calls}"
-    assert "_otel_original_call" not in vars(BackgroundTask), "contrib's FastAPI instrumentation left patched"
 
 
 # -- documented differences ---------------------------------------------------------------------------------
