@@ -33,7 +33,7 @@ import pytest
 import sentry_sdk
 from _sentry_endpoint import SentryEndpoint, init_sentry
 from _servers import serving
-from conftest import sentry_set_aside, task_spans
+from conftest import task_spans
 from fastapi import BackgroundTasks, Depends, FastAPI
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -378,22 +378,16 @@ async def call_api(client: httpx.AsyncClient) -> None:
 
 
 @pytest.fixture(params=["sentry-off", "sentry-without-dsn", "sentry-sending"])
-def sentry_state(request: pytest.FixtureRequest) -> Iterator[Any]:
-    """Sentry as the test is given it, whatever an earlier test left (see ``sentry_set_aside``).
+def sentry_state(request: pytest.FixtureRequest, receiver: SentryEndpoint) -> SentryEndpoint | None:
+    """Sentry as the test is given it, whatever an earlier test left (``receiver`` sets it aside, then back).
 
-    Yields the endpoint on 127.0.0.1 that "sentry-sending" sends to, else None.
+    Returns the endpoint on 127.0.0.1 that "sentry-sending" sends to, else None.
     """
-    with sentry_set_aside():
-        if request.param == "sentry-off":
-            yield None
-            return
-        receiver = SentryEndpoint() if request.param == "sentry-sending" else None
-        sentry_sdk.init(dsn=receiver.dsn if receiver is not None else None)
-        try:
-            yield receiver
-        finally:
-            if receiver is not None:
-                receiver.close()
+    if request.param == "sentry-off":
+        return None
+    sending = request.param == "sentry-sending"
+    sentry_sdk.init(dsn=receiver.dsn if sending else None)
+    return receiver if sending else None
 
 
 async def test_an_httpx_client_warmed_up_on_a_loop_that_is_gone(
@@ -401,7 +395,7 @@ async def test_an_httpx_client_warmed_up_on_a_loop_that_is_gone(
     exporter: InMemorySpanExporter,
     errors: pytest.LogCaptureFixture,
     remote_api: str,
-    sentry_state: Any,
+    sentry_state: SentryEndpoint | None,
 ) -> None:
     """``asyncio.run(client.get(...))`` at import: the pooled connection belongs to a closed loop.
 
@@ -821,17 +815,12 @@ def test_a_subclass_of_a_known_exception_is_diagnosed() -> None:
 
 
 async def test_the_hint_reaches_sentry(
-    tracer_provider: TracerProvider, exporter: InMemorySpanExporter, engine: Engine
+    tracer_provider: TracerProvider, exporter: InMemorySpanExporter, engine: Engine, receiver: SentryEndpoint
 ) -> None:
-    receiver = SentryEndpoint()
-    try:
-        with sentry_set_aside():
-            init_sentry(receiver.dsn, framework_integrations=False)
-            app = otel_bgtasks.instrument(sync_session_app(engine, "expired object"), tracer_provider=tracer_provider)
-            await get(app)
-            sentry_sdk.flush(timeout=5)
-    finally:
-        receiver.close()
+    init_sentry(receiver.dsn, framework_integrations=False)
+    app = otel_bgtasks.instrument(sync_session_app(engine, "expired object"), tracer_provider=tracer_provider)
+    await get(app)
+    sentry_sdk.flush(timeout=5)
 
     (event,) = receiver.events
     assert event["tags"]["background_task.diagnosis"] == SESSION
