@@ -8,7 +8,6 @@ README's zero-code command once failed.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import logging
 import os
@@ -21,9 +20,8 @@ from typing import Any
 import httpx
 import pytest
 from _servers import recording
-from conftest import needs_native_telemetry, task_spans
+from conftest import CONTRIB_GIVES_A_TRACER, needs_native_telemetry, task_spans
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from packaging.version import Version
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.requests import Request
@@ -264,10 +262,6 @@ ORDERS_SCRIPT = textwrap.dedent(
 )
 UNSEEN = "the request spans go to a tracer provider otel_bgtasks cannot see ("
 FIX = "Pass the same provider as tracer_provider= to otel_bgtasks.instrument(), or call otel_bgtasks.instrument() first"
-# Contrib's instrument_app() gives its middleware the provider up to 0.47b0, a tracer made from it since.
-CONTRIB_GIVES_A_TRACER = Version(importlib.metadata.version("opentelemetry-instrumentation-fastapi")) >= Version(
-    "0.48b0"
-)
 
 
 def run_order(tmp_path: Path, setup: str) -> tuple[dict[str, Any], list[str]]:
