@@ -49,14 +49,14 @@ needs_native_telemetry = pytest.mark.skipif(
 )
 
 
-# FastAPI's ``telemetry=`` with everything off: ``instrument(app)`` then adds its ASGI middleware, and the
-# request span is that middleware's. ``WITHOUT_NATIVE_TELEMETRY`` is the same as ``FastAPI(**...)`` arguments.
 # contrib's instrument_app() gives the OpenTelemetryMiddleware it makes its tracer_provider up to 0.47b0, which
 # otel_bgtasks sees; from 0.48b0 only a tracer made from it, out of public reach when instrument_app() came first
 # (README).
 CONTRIB_GIVES_A_TRACER = Version(importlib.metadata.version("opentelemetry-instrumentation-fastapi")) >= Version(
     "0.48b0"
 )
+# FastAPI's ``telemetry=`` with everything off: ``instrument(app)`` then adds its ASGI middleware, and the
+# request span is that middleware's. ``WITHOUT_NATIVE_TELEMETRY`` is the same as ``FastAPI(**...)`` arguments.
 NATIVE_TELEMETRY_OFF: dict[str, Any] = {"tracing": False, "metrics": False, "logs": False}
 WITHOUT_NATIVE_TELEMETRY: dict[str, Any] = {"telemetry": NATIVE_TELEMETRY_OFF}
 
