@@ -428,7 +428,20 @@ def run_once(command: str, cwd: Path) -> Ran:
 
 
 def run_server(command: str, cwd: Path, requests: list[str], logs: Path) -> Ran:
-    """Start the server command, run each request (a curl line) against it, stop it with SIGINT."""
+    """Start the server command, run each request (a curl line) against it, stop it with SIGINT.
+
+    The free port is free when chosen, not necessarily when the server binds it: another process (a server of
+    an earlier test, a client's ephemeral port) may take it in between, and then the server exits with
+    "[Errno 98] ... address already in use" while something else answered. Then it runs again on another port.
+    """
+    for _ in range(3):
+        ran = _run_server_once(command, cwd, requests, logs)
+        if not (ran.returncode != 0 and "[Errno 98]" in ran.stderr):
+            break
+    return ran
+
+
+def _run_server_once(command: str, cwd: Path, requests: list[str], logs: Path) -> Ran:
     port = free_port()
     stdout_log, stderr_log = logs / f"{port}.out", logs / f"{port}.err"
     with stdout_log.open("wb") as stdout, stderr_log.open("wb") as stderr:
